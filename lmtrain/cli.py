@@ -1,0 +1,63 @@
+"""Shared command-line plumbing: absl flags with ml_collections config files, and bad input
+turned into one line on stderr and exit code 2 before anything compiles."""
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import flags
+
+from lmtrain import config as config_lib
+
+
+def fail(message: str, code: int = 2):
+  print(f"lmtrain: error: {message}", file=sys.stderr, flush=True)
+  sys.exit(code)
+
+
+def parse_flags_or_exit(argv):
+  """absl's parser, with any flag or config-file error reported in one line (exit 2)."""
+  try:
+    return flags.FLAGS(argv)
+  except config_lib.ConfigError as e:
+    fail(str(e))
+  except Exception as e:  # flag errors, and errors raised while loading a config file
+    fail(_one_line(e))
+
+
+def _one_line(error: Exception) -> str:
+  """The useful line of an error: for a wrapped traceback, its last line without the type."""
+  text = str(error).strip()
+  if isinstance(error, (KeyError, AttributeError)):  # ml_collections: an unknown override
+    return f"a --config.* override names a field that does not exist: {text.strip(chr(34))}"
+  if "Traceback (most recent call last)" in text:
+    last = text.splitlines()[-1]
+    name, _, message = last.partition(": ")
+    return message if message and " " not in name else last
+  return " ".join(text.split())
+
+
+def load_config(config_flag_holder):
+  """The parsed --config (ml_collections loads the file lazily), or exit 2 with one line."""
+  filename = str(flags.FLAGS["config"].config_filename or "").split(":")[0]
+  if filename and not os.path.isfile(filename):
+    fail(f"--config file {filename!r} does not exist")
+  try:
+    cfg = config_flag_holder.value
+  except config_lib.ConfigError as e:
+    fail(str(e))
+  except (AttributeError, KeyError) as e:
+    fail(f"--config override names a field that does not exist: {e}")
+  except Exception as e:
+    fail(f"--config: {_one_line(e)}")
+  if cfg is None:
+    fail("--config is required (e.g. --config configs/tiny.py)")
+  return validated(cfg)
+
+
+def validated(cfg):
+  try:
+    config_lib.validate(cfg)
+  except config_lib.ConfigError as e:
+    fail(str(e))
+  return cfg

@@ -1,0 +1,250 @@
+"""Train a language model: python -m lmtrain.train --config configs/tiny.py[:variant] --workdir DIR
+
+Resumes from the latest checkpoint in DIR if there is one. SIGTERM (or Ctrl-C) saves a checkpoint
+at the current step and exits; a NaN/inf loss stops the run and leaves the last good checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from lmtrain import cli, parallel
+from lmtrain.checkpoint import Checkpointer
+from lmtrain.data import heldout_batches, set_iterator_state, train_dataset
+from lmtrain.metrics import MetricWriter, Progress, Stopwatch
+from lmtrain.trainer import Trainer
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/tiny.py",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and TensorBoard logs.")
+
+
+class NonFiniteLoss(RuntimeError):
+  pass
+
+
+class CheckpointMismatch(RuntimeError):
+  pass
+
+
+class _StopSignal:
+  """SIGTERM / SIGINT ask the loop to save and exit at the next step boundary; a second SIGINT
+  interrupts at once. A context manager: the previous handlers come back on exit."""
+
+  def __init__(self):
+    self.requested = None
+    self._previous = {}
+
+  def __enter__(self):
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+  def _handle(self, signum, frame):
+    del frame
+    if self.requested is not None and signum == signal.SIGINT:
+      raise KeyboardInterrupt
+    self.requested = signal.Signals(signum).name
+
+
+def _log(message: str) -> None:
+  if jax.process_index() == 0:
+    print(f"lmtrain: {message}", flush=True)
+
+
+def _bytes(n: float) -> str:
+  for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+    if n < 1024 or unit == "TiB":
+      return f"{n:.1f} {unit}"
+    n /= 1024
+
+
+def _per_device_bytes(tree, shardings) -> int:
+  total = 0
+  for x, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings)):
+    total += math.prod(s.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
+  return total
+
+
+def _memory_report(compiled, abstract_state, shardings) -> str:
+  params = _per_device_bytes(abstract_state["params"], shardings["params"])
+  opt = _per_device_bytes(abstract_state["opt_state"], shardings["opt_state"])
+  line = f"per-device memory: params {_bytes(params)}, optimizer state {_bytes(opt)}"
+  analysis = compiled.memory_analysis()
+  if analysis is not None:
+    line += (f", temporaries {_bytes(analysis.temp_size_in_bytes)}, "
+             f"arguments {_bytes(analysis.argument_size_in_bytes)}, "
+             f"outputs {_bytes(analysis.output_size_in_bytes)} (XLA)")
+  return line
+
+
+def _host_slice(batch):
+  n = jax.process_count()
+  if n == 1:
+    return batch
+  i = jax.process_index()
+  return jax.tree.map(lambda x: x[i * x.shape[0] // n:(i + 1) * x.shape[0] // n], batch)
+
+
+def _to_global(batch, sharding):
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
+
+
+def train(cfg, workdir: str) -> dict:
+  """Runs (or resumes) training to cfg.train.steps; returns the final metrics."""
+  os.makedirs(workdir, exist_ok=True)
+  mesh = parallel.make_mesh(cfg.mesh)
+  trainer = Trainer.from_config(cfg)
+  shardings = trainer.state_shardings(mesh)
+  batch_sharding = parallel.batch_sharding(mesh)
+  abstract_state = trainer.abstract_state()
+  ckpt = Checkpointer(workdir, keep=cfg.train.keep_checkpoints,
+                      async_save=cfg.train.async_checkpoints)
+  data_iter = iter(train_dataset(cfg, process_index=jax.process_index(),
+                                 process_count=jax.process_count()))
+
+  latest = ckpt.latest_step()
+  if latest is None:
+    state = jax.jit(trainer.init_state, static_argnums=0, out_shardings=shardings)(cfg.train.seed)
+    _log(f"starting at step 0 in {workdir}")
+  else:
+    try:
+      state, data_state = ckpt.restore(latest, abstract_state, shardings)
+    except (ValueError, KeyError) as e:
+      raise CheckpointMismatch(
+          f"the checkpoint at step {latest} in {ckpt.directory} does not fit this config "
+          f"(did the model or optimizer change?): {str(e).splitlines()[0]}") from e
+    set_iterator_state(data_iter, data_state)
+    _log(f"resumed from checkpoint step {latest} in {workdir}")
+  start = int(jax.device_get(state["step"]))
+
+  batch_spec = {k: jax.ShapeDtypeStruct((cfg.data.batch_size, cfg.data.seq_len), jnp.int32,
+                                        sharding=batch_sharding)
+                for k in ("tokens", "targets", "segment_ids", "positions")}
+  rep = parallel.replicated(mesh)
+  step_fn = jax.jit(trainer.train_step, in_shardings=(shardings, batch_sharding),
+                    out_shardings=(shardings, rep), donate_argnums=0)
+  t0 = time.perf_counter()
+  compiled = step_fn.lower(abstract_with(abstract_state, shardings), batch_spec).compile()
+  _log(f"compiled the train step in {time.perf_counter() - t0:.1f}s; "
+       f"{_memory_report(compiled, abstract_state, shardings)}")
+  eval_fn = jax.jit(trainer.eval_step, in_shardings=(shardings["params"], batch_sharding),
+                    out_shardings=rep)
+  # Every host evaluates the same held-out rows; each contributes its slice of the global batch.
+  heldout = [_to_global(_host_slice(b), batch_sharding)
+             for b in heldout_batches(cfg)]
+
+  all_finite = jax.jit(lambda tree: jnp.all(jnp.asarray(
+      [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)])))
+  writer = MetricWriter(workdir)
+  if start == 0:
+    writer.text(0, "config", "```\n" + cfg.to_json_best_effort(indent=2) + "\n```")
+    if jax.process_index() == 0:
+      with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(cfg.to_json_best_effort(indent=2))
+  progress = Progress(cfg.train.steps)
+  tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
+  pending: list[tuple[int, dict]] = []  # metrics still on device, fetched at log points
+  last_good = latest
+  watch = Stopwatch()
+  final = {}
+
+  def flush(step: int) -> None:
+    """Fetches pending metrics, checks them, writes them; one host sync per log interval."""
+    nonlocal final
+    if not pending:
+      return
+    fetched = jax.device_get([m for _, m in pending])
+    elapsed = watch.lap()
+    for (s, _), m in zip(pending, fetched):
+      bad = [f"{name} is {m[key]}" for key, name in (("loss", "loss"), ("grad_norm", "grad norm"))
+             if not np.isfinite(m[key])]
+      if bad:
+        raise NonFiniteLoss(f"{' and '.join(bad)} at step {s}; stopping. The last good "
+                            f"checkpoint is step {last_good} in {ckpt.directory}")
+      writer.scalars(s, {"train/loss": m["loss"], "train/lr": m["lr"],
+                         "train/grad_norm": m["grad_norm"]})
+    step_time = elapsed / len(pending)
+    tps = tokens_per_step / step_time
+    writer.scalars(step, {"perf/tokens_per_sec": tps, "perf/step_time": step_time})
+    progress.update(step, float(fetched[-1]["loss"]), tps, step_time)
+    final = {"step": step, "loss": float(fetched[-1]["loss"])}
+    pending.clear()
+
+  try:
+    with _StopSignal() as stop:
+      step = start
+      while step < cfg.train.steps:
+        batch = _to_global(next(data_iter), batch_sharding)
+        state, metrics = compiled(state, batch)
+        step += 1
+        pending.append((step, metrics))
+        last = step == cfg.train.steps
+        stopping = stop.requested  # read once: a signal may arrive at any point below
+        save = last or step % cfg.train.checkpoint_every == 0 or stopping is not None
+        if save or step % cfg.train.log_every == 0:
+          flush(step)
+        if last or step % cfg.train.eval_every == 0:
+          sums = [eval_fn(state["params"], b) for b in heldout]
+          loss_sum, count = jax.device_get(jnp.sum(jnp.asarray(sums), axis=0))
+          final["eval_loss"] = float(loss_sum / count)
+          writer.scalars(step, {"eval/loss": final["eval_loss"]})
+          progress.message(f"step {step}: eval/loss {final['eval_loss']:.4f} nats/token "
+                           f"({count:.0f} held-out tokens)")
+          watch.lap()  # eval time is not train step time
+        if save:
+          if not bool(all_finite(state["params"])):  # never checkpoint a diverged state
+            raise NonFiniteLoss(f"parameters are not finite after step {step}; stopping. The "
+                                f"last good checkpoint is step {last_good} in {ckpt.directory}")
+          ckpt.save(step, state, data_iter.get_state())
+          last_good = step
+        if stopping is not None:
+          progress.message(f"lmtrain: {stopping}: saved a checkpoint at step {step}; exiting")
+          break
+  finally:
+    writer.close()
+    ckpt.close()
+  return final
+
+
+def abstract_with(abstract_state, shardings):
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      abstract_state, shardings)
+
+
+def main(argv):
+  logging.set_verbosity(logging.WARNING)
+  if len(argv) > 1:
+    cli.fail(f"unexpected arguments: {' '.join(argv[1:])}")
+  cfg = cli.load_config(_CONFIG)
+  if not _WORKDIR.value:
+    cli.fail("--workdir is required")
+  try:
+    parallel.mesh_shape(cfg.mesh, jax.device_count())
+  except parallel.MeshError as e:
+    cli.fail(str(e))
+  try:
+    final = train(cfg, _WORKDIR.value)
+  except NonFiniteLoss as e:
+    cli.fail(str(e), code=1)
+  except CheckpointMismatch as e:
+    cli.fail(str(e))
+  _log("done: " + json.dumps(final))
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=cli.parse_flags_or_exit)

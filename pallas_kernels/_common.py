@@ -1,0 +1,62 @@
+"""Shape checks and backend choice shared by every kernel family.
+
+Layout everywhere: q [B, T, Hq, D], k and v [B, S, Hkv, D], Hq % Hkv == 0. Query head h reads
+key/value head h // (Hq // Hkv), the grouping of jax.nn.dot_product_attention.
+"""
+from __future__ import annotations
+
+import jax
+
+IMPLS = ("auto", "reference", "xla", "cudnn", "pallas", "interpret", "interpret_gpu")
+HEAD_DIMS = (64, 128, 256)
+
+
+def check_qkv(q, k, v, *, name: str) -> None:
+  """Raises a one-line ValueError naming the bad shape."""
+  if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+    raise ValueError(f"{name}: q, k, v must be [B, T, H, D]; got q{q.shape} k{k.shape} v{v.shape}")
+  b, _, hq, d = q.shape
+  bk, s, hkv, dk = k.shape
+  if k.shape != v.shape:
+    raise ValueError(f"{name}: k{k.shape} and v{v.shape} must have the same shape")
+  if bk != b:
+    raise ValueError(f"{name}: batch of q ({b}) and k/v ({bk}) differ")
+  if dk != d:
+    raise ValueError(f"{name}: head dim of q ({d}) and k/v ({dk}) differ")
+  if hkv == 0 or hq % hkv:
+    raise ValueError(f"{name}: query heads {hq} are not a multiple of key/value heads {hkv}")
+  if s == 0 or q.shape[1] == 0:
+    raise ValueError(f"{name}: empty sequence: q{q.shape} k{k.shape}")
+
+
+def check_segment_ids(segment_ids, q, k, *, name: str) -> None:
+  if segment_ids is None:
+    return
+  if segment_ids.shape != q.shape[:2]:
+    raise ValueError(f"{name}: segment_ids{segment_ids.shape} must be [B, T] = {q.shape[:2]}")
+  if q.shape[1] != k.shape[1]:
+    raise ValueError(f"{name}: segment_ids need T == S (self-attention); got T={q.shape[1]} S={k.shape[1]}")
+
+
+def check_impl(impl: str, allowed: tuple[str, ...], *, name: str) -> None:
+  if impl not in allowed:
+    raise ValueError(f"{name}: impl={impl!r} is not one of {', '.join(allowed)}")
+
+
+def backend() -> str:
+  return jax.default_backend()
+
+
+def group_queries(x_BTHD, num_kv_heads: int):
+  """[B, T, Hq, D] -> [B, T, Hkv, G, D] with G = Hq // Hkv (query head h -> kv head h // G)."""
+  b, t, hq, d = x_BTHD.shape
+  return x_BTHD.reshape(b, t, num_kv_heads, hq // num_kv_heads, d)
+
+
+def ungroup_queries(x_BTKGD):
+  b, t, kv, g, d = x_BTKGD.shape
+  return x_BTKGD.reshape(b, t, kv * g, d)
+
+
+def cdiv(a: int, b: int) -> int:
+  return -(-a // b)
