@@ -34,6 +34,26 @@ KIND_FIELDS = {
 }
 
 
+# Defaults of the kind-specific fields, applied when a kind that reads them leaves them unset
+# (None means the field has no default and must be set).
+KIND_DEFAULTS = {
+    "window": None, "block_size": None, "top_k": None,
+    "local_blocks": 1, "global_blocks": 0, "stride": 0,
+    "feature_map": "elu1", "decay": "none", "normalize": True, "chunk_size": 64,
+}
+FEATURE_MAPS = ("elu1", "relu", "identity")
+LINEAR_DECAYS = ("none", "constant", "data_dependent")
+# Which kernel family runs each kind (pallas_kernels.<family>).
+KIND_FAMILY = {"softmax": "blockwise", "linear": "linear", "sliding_window": "sparse",
+               "block_sparse": "sparse", "moba": "sparse"}
+
+
+def attention_option(attn, field: str):
+  """A kind-specific field with its default applied."""
+  value = attn[field]
+  return KIND_DEFAULTS[field] if value is None else value
+
+
 class ConfigError(ValueError):
   """A bad config value; the message is one line and names the value."""
 
@@ -161,8 +181,57 @@ def validate_model(cfg) -> None:
 
 
 def _validate_kind_fields(cfg, kinds) -> None:
-  """Hook for the attention kinds' own fields (filled in with the attention zoo)."""
-  del cfg, kinds
+  """The fields each kind in use reads: required ones set, values in range."""
+  a = cfg.model.attention
+
+  def opt(field):
+    return attention_option(a, field)
+
+  def need(field, kind):
+    if opt(field) is None:
+      _fail(f"model.attention.{field} must be set for attention kind {kind!r}")
+
+  def positive(field):
+    if not isinstance(opt(field), int) or opt(field) <= 0:
+      _fail(f"model.attention.{field}={opt(field)!r} must be a positive integer")
+  if "sliding_window" in kinds:
+    need("window", "sliding_window")
+    positive("window")
+  if "block_sparse" in kinds or "moba" in kinds:
+    need("block_size", "block_sparse" if "block_sparse" in kinds else "moba")
+    positive("block_size")
+  if "block_sparse" in kinds:
+    positive("local_blocks")
+    for f in ("global_blocks", "stride"):
+      if not isinstance(opt(f), int) or opt(f) < 0:
+        _fail(f"model.attention.{f}={opt(f)!r} must be an integer >= 0")
+  if "moba" in kinds:
+    need("top_k", "moba")
+    positive("top_k")
+  if "linear" in kinds:
+    if opt("feature_map") not in FEATURE_MAPS:
+      _fail(f"model.attention.feature_map={opt('feature_map')!r} is not one of "
+            f"{', '.join(FEATURE_MAPS)}")
+    if opt("decay") not in LINEAR_DECAYS:
+      _fail(f"model.attention.decay={opt('decay')!r} is not one of {', '.join(LINEAR_DECAYS)}")
+    positive("chunk_size")
+    if opt("feature_map") == "identity" and opt("normalize"):
+      _fail("model.attention.feature_map='identity' with normalize=True divides by a sum that "
+            "can be zero or negative; use elu1/relu or set model.attention.normalize=False")
+    if cfg.model.position == "alibi":
+      _fail("model.position='alibi' does not apply to attention kind 'linear' (use decay)")
+  impl = a.impl
+  if impl == "cudnn" and set(kinds) - {"softmax"}:
+    _fail(f"model.attention.impl='cudnn' only runs kind 'softmax', not "
+          f"{', '.join(sorted(set(kinds) - {'softmax'}))}")
+  if impl in ("pallas", "interpret", "interpret_gpu"):
+    import importlib
+    for kind in kinds:
+      family = KIND_FAMILY[kind]
+      api = importlib.import_module(f"pallas_kernels.{family}.api")
+      if impl not in api.KERNELS:
+        _fail(f"model.attention.impl={impl!r}: pallas_kernels.{family} has no such kernel yet "
+              f"(needed by attention kind {kind!r})")
 
 
 def validate(cfg) -> None:
@@ -212,10 +281,30 @@ def _check_path_exists(name: str, path: str) -> None:
     _fail(f"{name}={path!r} does not exist")
 
 
+ATTENTION_VARIANTS = ("softmax", "linear", "gla", "sliding_window", "block_sparse", "moba",
+                      "hybrid")
+
+
 def apply_attention_variant(c, name: str) -> None:
-  """Sets model.attention for a named variant used by the example configs."""
+  """Sets model.attention for a named variant of the example configs, with fields sized for
+  data.seq_len (set seq_len first)."""
   a = c.model.attention
+  t = c.data.seq_len
   if name == "softmax":
     a.kind = "softmax"
+  elif name == "linear":  # elu(x)+1 features, RetNet-style fixed per-head decay
+    a.update(kind="linear", feature_map="elu1", decay="constant")
+  elif name == "gla":  # data-dependent gates from a learned projection
+    a.update(kind="linear", feature_map="elu1", decay="data_dependent")
+  elif name == "sliding_window":
+    a.update(kind="sliding_window", window=max(t // 4, 1))
+  elif name == "block_sparse":  # local + sink + strided blocks
+    a.update(kind="block_sparse", block_size=max(t // 8, 1), local_blocks=2, global_blocks=1,
+             stride=4)
+  elif name == "moba":
+    a.update(kind="moba", block_size=max(t // 8, 1), top_k=3)
+  elif name == "hybrid":  # three linear layers to one softmax layer
+    a.update(kind="linear", layer_pattern="linear,linear,linear,softmax", feature_map="elu1",
+             decay="constant")
   else:
-    raise ConfigError(f"attention variant {name!r} is not one of softmax")
+    raise ConfigError(f"attention variant {name!r} is not one of {', '.join(ATTENTION_VARIANTS)}")

@@ -6,6 +6,7 @@ key/value head h // (Hq // Hkv), the grouping of jax.nn.dot_product_attention.
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 
 IMPLS = ("auto", "reference", "xla", "cudnn", "pallas", "interpret", "interpret_gpu")
 HEAD_DIMS = (64, 128, 256)
@@ -60,3 +61,15 @@ def ungroup_queries(x_BTKGD):
 
 def cdiv(a: int, b: int) -> int:
   return -(-a // b)
+
+
+def segment_start_mask(segment_ids_BT):
+  """True where a token starts a new segment (the first token, and each change of id): [B, T]."""
+  first = jnp.ones_like(segment_ids_BT[:, :1], bool)
+  return jnp.concatenate([first, segment_ids_BT[:, 1:] != segment_ids_BT[:, :-1]], axis=1)
+
+
+def segment_starts(segment_ids_BT):
+  """Index of the first token of each token's segment: [B, T] (segments are contiguous runs)."""
+  idx = jnp.arange(segment_ids_BT.shape[1], dtype=jnp.int32)[None, :]
+  return jax.lax.cummax(jnp.where(segment_start_mask(segment_ids_BT), idx, 0), axis=1)

@@ -1,19 +1,42 @@
-"""The attention layer: projections, positions, and the attention function picked by config."""
+"""The attention layer: projections, positions, and the attention function picked by config.
+
+Every kind shares the q/k/v/o projections and positions, so swapping `attention.kind` changes
+only the function that mixes tokens (and, for data-dependent linear attention, adds the gate
+projection that produces its per-token log-gates).
+"""
 from __future__ import annotations
 
+import math
+
+import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 import pallas_kernels
+from lmtrain.config import attention_option
 from lmtrain.model import positions as pos
-from lmtrain.model.layers import INIT_STD, normal_init
+from lmtrain.model.layers import normal_init
+
+# GLA's normaliser: log-gates are log_sigmoid(.) / 16, so a fresh layer keeps most of its state.
+GATE_LOGIT_NORMALIZER = 16.0
+
+
+def retnet_log_decays(num_heads: int) -> np.ndarray:
+  """RetNet's fixed per-head decays gamma_h = 1 - 2^(-5 - h), as log-decays [H] (< 0)."""
+  return np.log1p(-(2.0 ** (-5.0 - np.arange(num_heads)))).astype(np.float32)
 
 
 class Attention(nnx.Module):
   """x [B, T, D] -> [B, T, D]; q [B, T, Hq, Dh], k/v [B, T, Hkv, Dh] in between."""
 
   def __init__(self, dims, attn_cfg, kind: str, *, out_std: float, rngs: nnx.Rngs):
-    self.dims, self.attn_cfg, self.kind = dims, attn_cfg, kind
+    self.kind = kind
+    self.position = dims.position
+    self.rope_theta = dims.rope_theta
+    self.impl = attn_cfg.impl
+    # Static, hashable options of this kind (jit-friendly; the ConfigDict is not kept).
+    self.options = tuple((f, attention_option(attn_cfg, f)) for f in _KIND_OPTIONS[kind])
     h, hkv, dh, d = dims.num_heads, dims.num_kv_heads, dims.head_dim, dims.d_model
     proj = lambda out, axes: nnx.LinearGeneral(d, out, use_bias=False, dtype=dims.compute_dtype,
                                                kernel_init=normal_init(axes), rngs=rngs)
@@ -24,24 +47,71 @@ class Attention(nnx.Module):
                                     dtype=dims.compute_dtype,
                                     kernel_init=normal_init(("heads", "head_dim", "embed"), out_std),
                                     rngs=rngs)
+    if kind == "linear" and self.opt("decay") == "data_dependent":
+      self.gate_proj = nnx.Linear(d, h, use_bias=True, dtype=dims.compute_dtype,
+                                  kernel_init=normal_init(("embed", "heads")),
+                                  bias_init=nnx.with_partitioning(
+                                      nnx.initializers.constant(math.log(15.0)), ("heads",)),
+                                  rngs=rngs)
     self.alibi = tuple(pos.alibi_slopes(h).tolist()) if dims.position == "alibi" else None
+    self.num_heads = h
+
+  def opt(self, field: str):
+    return dict(self.options)[field]
 
   def __call__(self, x_BTD, positions_BT, segment_ids_BT):
     q = self.q_proj(x_BTD)
     k = self.k_proj(x_BTD)
     v = self.v_proj(x_BTD)
-    if self.dims.position == "rope":
-      q = pos.apply_rope(q, positions_BT, theta=self.dims.rope_theta)
-      k = pos.apply_rope(k, positions_BT, theta=self.dims.rope_theta)
-    out = self._attend(q, k, v, segment_ids_BT)
+    if self.position == "rope":
+      q = pos.apply_rope(q, positions_BT, theta=self.rope_theta)
+      k = pos.apply_rope(k, positions_BT, theta=self.rope_theta)
+    if self.kind == "linear":
+      out = self._linear(x_BTD, q, k, v, segment_ids_BT)
+    else:
+      out = self._softmax_family(q, k, v, segment_ids_BT)
     return self.o_proj(out)
 
-  def _attend(self, q, k, v, segment_ids):
-    a = self.attn_cfg
+  def _softmax_family(self, q, k, v, segment_ids):
+    slopes = None if self.alibi is None else jnp.asarray(self.alibi, jnp.float32)
+    common = dict(causal=True, segment_ids=segment_ids, alibi_slopes=slopes, impl=self.impl)
     if self.kind == "softmax":
-      return pallas_kernels.blockwise_attention(q, k, v, causal=True, segment_ids=segment_ids,
-                                                alibi_slopes=self._alibi_slopes(), impl=a.impl)
-    raise ValueError(f"model.attention.kind={self.kind!r} is not implemented")
+      return pallas_kernels.blockwise_attention(q, k, v, **common)
+    return pallas_kernels.sparse_attention(q, k, v, pattern=self._pattern(q.shape[1]), **common)
 
-  def _alibi_slopes(self):
-    return None if self.alibi is None else jnp.asarray(self.alibi, jnp.float32)
+  def _pattern(self, t: int):
+    if self.kind == "sliding_window":
+      return pallas_kernels.SlidingWindow(self.opt("window"))
+    if self.kind == "moba":
+      return pallas_kernels.MoBA(self.opt("block_size"), self.opt("top_k"))
+    if self.kind == "block_sparse":
+      bs = self.opt("block_size")
+      nb = -(-t // bs)
+      return pallas_kernels.BlockMask(bs, pallas_kernels.block_mask(
+          nb, local=self.opt("local_blocks"), global_blocks=self.opt("global_blocks"),
+          stride=self.opt("stride")))
+    raise ValueError(f"model.attention.kind={self.kind!r} has no sparsity pattern")
+
+  def _linear(self, x_BTD, q, k, v, segment_ids):
+    decay = self.opt("decay")
+    if decay == "constant":
+      log_decay = jnp.asarray(retnet_log_decays(self.num_heads))
+    elif decay == "data_dependent":
+      gate_logits = self.gate_proj(x_BTD).astype(jnp.float32)  # [B, T, Hq]
+      log_decay = jax.nn.log_sigmoid(gate_logits) / GATE_LOGIT_NORMALIZER
+    else:
+      log_decay = None
+    # segment_ids: the recurrent state never carries across a packed document boundary.
+    return pallas_kernels.linear_attention(q, k, v, feature_map=self.opt("feature_map"),
+                                           decay=log_decay, normalize=self.opt("normalize"),
+                                           chunk_size=self.opt("chunk_size"),
+                                           segment_ids=segment_ids, impl=self.impl)
+
+
+_KIND_OPTIONS = {
+    "softmax": (),
+    "sliding_window": ("window",),
+    "block_sparse": ("block_size", "local_blocks", "global_blocks", "stride"),
+    "moba": ("block_size", "top_k"),
+    "linear": ("feature_map", "decay", "normalize", "chunk_size"),
+}

@@ -7,16 +7,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels._common import segment_starts
+
 
 def positions_from_segments(segment_ids_BT):
   """Position of each token within its own segment (packed documents restart at 0): [B, T]."""
-  t = segment_ids_BT.shape[1]
-  idx = jnp.arange(t, dtype=jnp.int32)[None, :]
-  is_start = jnp.concatenate(
-      [jnp.ones_like(segment_ids_BT[:, :1], bool), segment_ids_BT[:, 1:] != segment_ids_BT[:, :-1]],
-      axis=1)
-  start = jax.lax.cummax(jnp.where(is_start, idx, 0), axis=1)
-  return idx - start
+  idx = jnp.arange(segment_ids_BT.shape[1], dtype=jnp.int32)[None, :]
+  return idx - segment_starts(segment_ids_BT)
 
 
 def apply_rope(x_BTHD, positions_BT, *, theta: float = 10000.0):

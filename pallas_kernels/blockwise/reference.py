@@ -50,8 +50,12 @@ def alibi_bias(q_pos, k_pos, slopes_K_G, *, causal: bool):
 
 
 def dense_attention(q, k, v, *, causal=True, segment_ids=None, sm_scale=None,
-                    alibi_slopes=None, window=None):
-  """Materialised softmax attention, logits and softmax in fp32 (fp64 for fp64 inputs)."""
+                    alibi_slopes=None, window=None, mask=None):
+  """Materialised softmax attention, logits and softmax in fp32 (fp64 for fp64 inputs).
+
+  mask: optional extra boolean mask broadcastable to [B, Hq, T, S] (sparsity patterns), and-ed
+  with causality, the window and the segments.
+  """
   b, t, hq, d = q.shape
   s, hkv = k.shape[1], k.shape[2]
   ct = compute_dtype(q.dtype)
@@ -64,6 +68,9 @@ def dense_attention(q, k, v, *, causal=True, segment_ids=None, sm_scale=None,
                                  causal=causal)[None]
   keep = keep_mask(q_pos, k_pos, segment_ids, segment_ids, causal=causal, window=window)
   keep = keep[:, None, None] if keep.ndim == 3 else keep[None, None, None]
+  if mask is not None:
+    mask = jnp.broadcast_to(mask, (mask.shape[0], hq, t, s)).reshape(mask.shape[0], hkv, -1, t, s)
+    keep = keep & mask
   logits = jnp.where(keep, logits, -jnp.inf)
   m = jnp.max(logits, axis=-1, keepdims=True)
   m = jnp.where(jnp.isfinite(m), m, 0.0)

@@ -1,0 +1,80 @@
+"""linear_attention and linear_attention_step: the entry points for every impl."""
+from __future__ import annotations
+
+from pallas_kernels import _common
+from pallas_kernels.linear.reference import (FEATURE_MAPS, init_state, linear_chunked,
+                                             linear_step)
+
+_NAME = "linear_attention"
+_IMPLS = ("auto", "reference", "xla", "pallas", "interpret", "interpret_gpu")
+# Kernels register themselves here as they land: impl name -> function with this signature.
+KERNELS: dict = {}
+
+
+def _check(q, k, v, decay, feature_map, chunk_size):
+  if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+    raise ValueError(f"{_NAME}: q, k, v must be [B, T, H, D]; got q{q.shape} k{k.shape} v{v.shape}")
+  b, t, hq, d = q.shape
+  if k.shape[:2] != (b, t) or v.shape[:3] != k.shape[:3] or k.shape[3] != d:
+    raise ValueError(f"{_NAME}: k{k.shape} must be [B, T, Hkv, D] and v{v.shape} [B, T, Hkv, Dv] "
+                     f"for q{q.shape} (causal self-attention: S == T)")
+  if hq % k.shape[2]:
+    raise ValueError(f"{_NAME}: query heads {hq} are not a multiple of key/value heads {k.shape[2]}")
+  if feature_map not in FEATURE_MAPS:
+    raise ValueError(f"{_NAME}: feature_map={feature_map!r} is not one of {', '.join(FEATURE_MAPS)}")
+  if decay is not None and decay.shape not in ((hq,), (b, t, hq)):
+    raise ValueError(f"{_NAME}: decay{decay.shape} must be [Hq] = ({hq},) or [B, T, Hq] = "
+                     f"{(b, t, hq)}")
+  if not isinstance(chunk_size, int) or chunk_size <= 0:
+    raise ValueError(f"{_NAME}: chunk_size={chunk_size!r} must be a positive int")
+
+
+def resolve_impl(impl: str) -> str:
+  if impl != "auto":
+    return impl
+  if "pallas" in KERNELS and _common.backend() in ("gpu", "tpu"):
+    return "pallas"
+  return "xla"
+
+
+def linear_attention(q, k, v, *, feature_map="elu1", decay=None, normalize=True, chunk_size=64,
+                     segment_ids=None, impl="auto"):
+  """Causal linear attention, q [B, T, Hq, D], k [B, T, Hkv, D], v [B, T, Hkv, Dv].
+
+  decay: None; per-head log-decay [Hq] (constant, RetNet style); or per-token log-gates
+  [B, T, Hq] (data-dependent, GLA style); values <= 0. See reference.py for the formula.
+  segment_ids [B, T] (contiguous runs, an lmtrain extension): no state crosses a segment
+  boundary, so packed documents are independent.
+  impl "reference" and "xla" both run the chunked jnp form (XLA compiles it); the parallel and
+  recurrent forms are in reference.py for tests and decoding.
+  """
+  _common.check_impl(impl, _IMPLS, name=_NAME)
+  _check(q, k, v, decay, feature_map, chunk_size)
+  if segment_ids is not None and segment_ids.shape != q.shape[:2]:
+    raise ValueError(f"{_NAME}: segment_ids{segment_ids.shape} must be [B, T] = {q.shape[:2]}")
+  impl = resolve_impl(impl)
+  kwargs = dict(feature_map=feature_map, decay=decay, normalize=normalize, chunk_size=chunk_size,
+                segment_ids=segment_ids)
+  if impl in ("reference", "xla"):
+    return linear_chunked(q, k, v, **kwargs)
+  if impl not in KERNELS:
+    raise ValueError(f"{_NAME}: impl={impl!r} has no kernel in this build yet")
+  return KERNELS[impl](q, k, v, **kwargs)
+
+
+def linear_attention_step(state, q_t, k_t, v_t, *, feature_map="elu1", decay=None,
+                          normalize=True):
+  """The recurrent form for decoding one token.
+
+  state: from `linear_attention_init_state(B, Hq, D, Dv)` (or a previous step); q_t [B, Hq, D],
+  k_t [B, Hkv, D], v_t [B, Hkv, Dv]; decay None | [Hq] | [B, Hq] (this token's log-gates).
+  Returns (state, o_t [B, Hq, Dv]).
+  """
+  if feature_map not in FEATURE_MAPS:
+    raise ValueError(f"linear_attention_step: feature_map={feature_map!r} is not one of "
+                     f"{', '.join(FEATURE_MAPS)}")
+  return linear_step(state, q_t, k_t, v_t, feature_map=feature_map, decay_t=decay,
+                     normalize=normalize)
+
+
+linear_attention_init_state = init_state

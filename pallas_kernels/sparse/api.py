@@ -1,0 +1,51 @@
+"""sparse_attention: softmax attention restricted to a sparsity pattern, for every impl."""
+from __future__ import annotations
+
+from pallas_kernels import _common
+from pallas_kernels.sparse.patterns import BlockMask, MoBA, SlidingWindow
+from pallas_kernels.sparse.reference import sparse_blockwise, sparse_reference
+
+_NAME = "sparse_attention"
+_IMPLS = ("auto", "reference", "xla", "pallas", "interpret", "interpret_gpu")
+# Kernels register themselves here as they land: impl name -> function with this signature.
+KERNELS: dict = {}
+
+
+def resolve_impl(impl: str) -> str:
+  if impl != "auto":
+    return impl
+  if "pallas" in KERNELS and _common.backend() in ("gpu", "tpu"):
+    return "pallas"
+  return "xla"
+
+
+def sparse_attention(q, k, v, *, pattern, causal=True, segment_ids=None, sm_scale=None,
+                     alibi_slopes=None, impl="auto"):
+  """Softmax attention under `pattern` (SlidingWindow, BlockMask or MoBA).
+
+  q [B, T, Hq, D], k/v [B, S, Hkv, D] -> [B, T, Hq, D] in q's dtype. segment_ids [B, T]
+  (contiguous runs, as packing makes them) and alibi_slopes [Hq] are lmtrain extensions of the
+  DESIGN.md signature. impl "reference": dense masked (the oracle); "xla": the block-skipping
+  jnp path, whose work is proportional to the kept blocks.
+  """
+  _common.check_impl(impl, _IMPLS, name=_NAME)
+  _common.check_qkv(q, k, v, name=_NAME)
+  _common.check_segment_ids(segment_ids, q, k, name=_NAME)
+  if not isinstance(pattern, (SlidingWindow, BlockMask, MoBA)):
+    raise ValueError(f"{_NAME}: pattern={pattern!r} is not a SlidingWindow, BlockMask or MoBA")
+  if isinstance(pattern, MoBA) and not causal:
+    raise ValueError(f"{_NAME}: MoBA is causal only (causal=False given)")
+  if isinstance(pattern, MoBA) and q.shape[1] != k.shape[1]:
+    raise ValueError(f"{_NAME}: MoBA needs T == S; got T={q.shape[1]} S={k.shape[1]}")
+  if alibi_slopes is not None and alibi_slopes.shape != (q.shape[2],):
+    raise ValueError(f"{_NAME}: alibi_slopes{alibi_slopes.shape} must be [Hq] = ({q.shape[2]},)")
+  impl = resolve_impl(impl)
+  kwargs = dict(pattern=pattern, causal=causal, segment_ids=segment_ids, sm_scale=sm_scale,
+                alibi_slopes=alibi_slopes)
+  if impl == "reference":
+    return sparse_reference(q, k, v, **kwargs)
+  if impl == "xla":
+    return sparse_blockwise(q, k, v, **kwargs)
+  if impl not in KERNELS:
+    raise ValueError(f"{_NAME}: impl={impl!r} has no kernel in this build yet")
+  return KERNELS[impl](q, k, v, **kwargs)
