@@ -15,7 +15,7 @@ ATTENTION_KINDS = ("softmax", "linear", "sliding_window", "block_sparse", "moba"
 ATTENTION_IMPLS = ("auto", "reference", "xla", "cudnn", "pallas", "interpret", "interpret_gpu")
 POSITIONS = ("rope", "alibi", "none")
 DTYPES = ("float32", "bfloat16", "float16")
-DATA_SOURCES = ("stdlib", "text", "jsonl")
+DATA_SOURCES = ("stdlib", "text", "jsonl", "mqar")
 TOKENIZERS = ("byte",)
 MESH_AXES = ("data", "fsdp", "tensor", "sequence")
 
@@ -79,7 +79,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data = dict(
       source="stdlib", path=placeholder(str), eval_path=placeholder(str), text_field="text",
       tokenizer="byte", seq_len=256, batch_size=16, heldout_percent=5, eval_batches=8,
-      shuffle_window=1024,
+      shuffle_window=1024, mqar_num_pairs=placeholder(int),
   )
   c.train = dict(
       steps=300, lr=3e-3, warmup_steps=30, end_lr_ratio=0.1, b1=0.9, b2=0.95,
@@ -87,7 +87,16 @@ def base_config() -> ml_collections.ConfigDict:
       checkpoint_every=50, keep_checkpoints=3, async_checkpoints=True,
   )
   c.mesh = dict(data=-1, fsdp=1, tensor=1, sequence=1)
-  c.eval = dict(evals="", lengths="")
+  c.eval = dict(
+      evals="",  # evals also run inside training at train.eval_every, e.g. "ppl,niah"
+      lengths="",  # NIAH context lengths, e.g. "128,256,512"; "" = T/2, T, 2T
+      ppl_window=0, ppl_stride=0, ppl_tokens=32768,  # 0 = seq_len, window // 2
+      niah_depths="0,0.25,0.5,0.75,1", niah_samples=4, niah_fillers="synthetic,natural",
+      niah_threshold=0.5,
+      extrapolation_factors="0.25,0.5,1,2,4,8,16", extrapolation_tokens=16384, max_length=0,
+      mqar_pairs="4,8,16", mqar_lengths="", mqar_samples=64,
+      batch_tokens=16384, seed=0,
+  )
   return c
 
 
@@ -240,16 +249,25 @@ def validate(cfg) -> None:
   d, t = cfg.data, cfg.train
   _one_of(cfg, "data.source", DATA_SOURCES)
   _one_of(cfg, "data.tokenizer", TOKENIZERS)
-  if d.source == "stdlib":
+  if d.source in ("stdlib", "mqar"):
     if d.path is not None:
-      _fail(f"data.path={d.path!r} is not used by data.source='stdlib' (the embedded corpus)")
+      _fail(f"data.path={d.path!r} is not used by data.source={d.source!r} (no files)")
   else:
     if d.path is None:
       _fail(f"data.path must be set for data.source={d.source!r}")
     _check_path_exists("data.path", d.path)
+  if d.source == "mqar":
+    from lmtrain.data.mqar import max_pairs
+    if d.mqar_num_pairs is None:
+      _fail("data.mqar_num_pairs must be set for data.source='mqar'")
+    if not 1 <= d.mqar_num_pairs <= min(max_pairs(d.seq_len), 128):
+      _fail(f"data.mqar_num_pairs={d.mqar_num_pairs} does not fit data.seq_len={d.seq_len} "
+            f"(1..{min(max_pairs(d.seq_len), 128)})")
+  elif d.mqar_num_pairs is not None:
+    _fail(f"data.mqar_num_pairs={d.mqar_num_pairs} is only used by data.source='mqar'")
   if d.eval_path is not None:
-    if d.source == "stdlib":
-      _fail(f"data.eval_path={d.eval_path!r} is not used by data.source='stdlib'")
+    if d.source in ("stdlib", "mqar"):
+      _fail(f"data.eval_path={d.eval_path!r} is not used by data.source={d.source!r}")
     _check_path_exists("data.eval_path", d.eval_path)
   if cfg.model.vocab_size < 258 and d.tokenizer == "byte":
     _fail(f"model.vocab_size={cfg.model.vocab_size} is smaller than the byte tokenizer's 258")
@@ -266,6 +284,7 @@ def validate(cfg) -> None:
     _fail(f"train.warmup_steps={t.warmup_steps} exceeds train.steps={t.steps}")
   if d.batch_size % t.grad_accum:
     _fail(f"train.grad_accum={t.grad_accum} does not divide data.batch_size={d.batch_size}")
+  validate_eval(cfg)
   for axis in MESH_AXES:
     size = cfg.mesh[axis]
     if size == 0 or size < -1:
@@ -273,6 +292,47 @@ def validate(cfg) -> None:
   if sum(cfg.mesh[a] == -1 for a in MESH_AXES) > 1:
     _fail("mesh: at most one axis may be -1, got " +
           ", ".join(f"{a}={cfg.mesh[a]}" for a in MESH_AXES))
+
+
+EVAL_NAMES = ("ppl", "niah", "extrapolation", "mqar")
+
+
+def _number_list(cfg, path: str, kind, *, low=None, high=None):
+  text = _get(cfg, path)
+  try:
+    values = [kind(x) for x in str(text).split(",") if x.strip()]
+  except ValueError:
+    _fail(f"{path}={text!r} is not a comma-separated list of {kind.__name__}s")
+  for v in values:
+    if (low is not None and v < low) or (high is not None and v > high):
+      _fail(f"{path}={text!r} has {v}, outside [{low}, {high if high is not None else 'inf'}]")
+  return values
+
+
+def validate_eval(cfg) -> None:
+  e = cfg.eval
+  names = [x.strip() for x in e.evals.split(",") if x.strip()]
+  for name in names:
+    if name not in EVAL_NAMES and name != "all":
+      _fail(f"eval.evals={e.evals!r} has {name!r}, not one of {', '.join(EVAL_NAMES)} (or all)")
+  _number_list(cfg, "eval.lengths", int, low=1)
+  _number_list(cfg, "eval.niah_depths", float, low=0.0, high=1.0)
+  _number_list(cfg, "eval.extrapolation_factors", float, low=1e-9)
+  _number_list(cfg, "eval.mqar_pairs", int, low=1, high=128)
+  _number_list(cfg, "eval.mqar_lengths", int, low=4)
+  for f in ("ppl_tokens", "niah_samples", "extrapolation_tokens", "mqar_samples",
+            "batch_tokens"):
+    _positive(cfg, f"eval.{f}")
+  for f in ("ppl_window", "ppl_stride", "max_length"):
+    _positive(cfg, f"eval.{f}", allow_zero=True)
+  window = e.ppl_window or cfg.data.seq_len
+  if e.ppl_stride > window:
+    _fail(f"eval.ppl_stride={e.ppl_stride} exceeds the window ({window})")
+  for filler in [f.strip() for f in e.niah_fillers.split(",") if f.strip()]:
+    if filler not in ("synthetic", "natural"):
+      _fail(f"eval.niah_fillers={e.niah_fillers!r} has {filler!r}, not synthetic or natural")
+  if not 0.0 <= e.niah_threshold <= 1.0:
+    _fail(f"eval.niah_threshold={e.niah_threshold} must be in [0, 1]")
 
 
 def _check_path_exists(name: str, path: str) -> None:

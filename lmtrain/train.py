@@ -21,6 +21,8 @@ from ml_collections import config_flags
 from lmtrain import cli, parallel
 from lmtrain.checkpoint import Checkpointer
 from lmtrain.data import heldout_batches, set_iterator_state, train_dataset
+from lmtrain.data.pipeline import BATCH_KEYS
+from lmtrain.evals.runner import EvalSuite, eval_names
 from lmtrain.metrics import MetricWriter, Progress, Stopwatch
 from lmtrain.trainer import Trainer
 
@@ -134,7 +136,7 @@ def train(cfg, workdir: str) -> dict:
 
   batch_spec = {k: jax.ShapeDtypeStruct((cfg.data.batch_size, cfg.data.seq_len), jnp.int32,
                                         sharding=batch_sharding)
-                for k in ("tokens", "targets", "segment_ids", "positions")}
+                for k in BATCH_KEYS}
   rep = parallel.replicated(mesh)
   step_fn = jax.jit(trainer.train_step, in_shardings=(shardings, batch_sharding),
                     out_shardings=(shardings, rep), donate_argnums=0)
@@ -148,6 +150,10 @@ def train(cfg, workdir: str) -> dict:
   heldout = [_to_global(_host_slice(b), batch_sharding)
              for b in heldout_batches(cfg)]
 
+  eval_suite = None
+  if cfg.eval.evals:  # the eval jobs, periodically (on every process: they run the model)
+    num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_state["params"]))
+    eval_suite = EvalSuite(cfg, trainer.model, num_params=num_params)
   all_finite = jax.jit(lambda tree: jnp.all(jnp.asarray(
       [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)])))
   writer = MetricWriter(workdir)
@@ -205,6 +211,9 @@ def train(cfg, workdir: str) -> dict:
           writer.scalars(step, {"eval/loss": final["eval_loss"]})
           progress.message(f"step {step}: eval/loss {final['eval_loss']:.4f} nats/token "
                            f"({count:.0f} held-out tokens)")
+          if eval_suite is not None:
+            eval_suite.run(state["params"], eval_names(cfg.eval.evals), step=step,
+                           writer=writer, out_dir=os.path.join(workdir, "evals"))
           watch.lap()  # eval time is not train step time
         if save:
           if not bool(all_finite(state["params"])):  # never checkpoint a diverged state

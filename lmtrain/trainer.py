@@ -65,10 +65,10 @@ def token_losses(logits_BTV, targets_BT):
 
 
 def loss_sums(model: ModelFns, params, batch, dropout_rng=None):
-  """(sum of token losses, number of tokens) over the real (segment > 0) tokens of a batch."""
+  """(sum of token losses, number of tokens) over the scored tokens (loss_mask) of a batch."""
   logits = model.apply(params, batch["tokens"], batch["segment_ids"], batch["positions"],
                        dropout_rng=dropout_rng)
-  mask = (batch["segment_ids"] > 0).astype(jnp.float32)
+  mask = batch["loss_mask"].astype(jnp.float32)
   return jnp.sum(token_losses(logits, batch["targets"]) * mask), jnp.sum(mask)
 
 
@@ -114,7 +114,7 @@ class Trainer:
     """One optimizer step over `grad_accum` microbatches; returns (state, metrics)."""
     params = state["params"]
     step_key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
-    num_tokens = jnp.sum(batch["segment_ids"] > 0).astype(jnp.float32)
+    num_tokens = jnp.sum(batch["loss_mask"]).astype(jnp.float32)
     micro = jax.tree.map(
         lambda x: x.reshape(self.grad_accum, x.shape[0] // self.grad_accum, *x.shape[1:]), batch)
 

@@ -1,8 +1,8 @@
 """grain pipelines: documents -> tokens -> packed rows with segment ids -> batches.
 
-A batch is a dict of numpy arrays, all [B, T]:
-  tokens (int32 inputs), targets (int32, the next token), segment_ids (int32, 0 = padding),
-  positions (int32, position within the document piece).
+A batch is a dict of int32 numpy arrays, all [B, T] (BATCH_KEYS):
+  tokens (inputs), targets (the next token), segment_ids (0 = padding), positions (within the
+  document piece), loss_mask (1 where the target is scored).
 Long documents are split across rows (concat-then-split packing); every piece is its own
 segment, so attention never crosses a document or a row boundary.
 """
@@ -11,8 +11,12 @@ from __future__ import annotations
 import grain
 import numpy as np
 
+from lmtrain.data.mqar import mqar_dataset
 from lmtrain.data.sources import load_documents
 from lmtrain.data.tokenizers import get_tokenizer
+
+
+BATCH_KEYS = ("tokens", "targets", "segment_ids", "positions", "loss_mask")
 
 
 class DocumentToExample(grain.transforms.Map):
@@ -29,11 +33,13 @@ class DocumentToExample(grain.transforms.Map):
 
 
 def _to_model_batch(packed):
+  segment_ids = packed["inputs_segment_ids"].astype(np.int32)
   return {
       "tokens": packed["inputs"].astype(np.int32),
       "targets": packed["targets"].astype(np.int32),
-      "segment_ids": packed["inputs_segment_ids"].astype(np.int32),
+      "segment_ids": segment_ids,
       "positions": packed["inputs_positions"].astype(np.int32),
+      "loss_mask": (segment_ids > 0).astype(np.int32),
   }
 
 
@@ -61,11 +67,20 @@ def packed_dataset(documents, tokenizer, *, seq_len: int, batch_size: int,
   return it.map(_to_model_batch)
 
 
+# MQAR rows of the held-out split come from another seed than the training rows.
+MQAR_HELDOUT_SEED_OFFSET = 1_000_003
+
+
 def train_dataset(cfg, *, process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
   """The training stream of this host: shuffled held-in documents, repeated forever."""
   if cfg.data.batch_size % process_count:
     raise ValueError(f"data.batch_size={cfg.data.batch_size} is not divisible by the "
                      f"{process_count} processes")
+  if cfg.data.source == "mqar":
+    return mqar_dataset(seed=cfg.train.seed, seq_len=cfg.data.seq_len,
+                        num_pairs=cfg.data.mqar_num_pairs,
+                        batch_size=cfg.data.batch_size // process_count,
+                        process_index=process_index, process_count=process_count)
   docs = load_documents(cfg.data, "train")
   return packed_dataset(docs, get_tokenizer(cfg.data.tokenizer), seq_len=cfg.data.seq_len,
                         batch_size=cfg.data.batch_size // process_count, seed=cfg.train.seed,
@@ -75,6 +90,13 @@ def train_dataset(cfg, *, process_index: int = 0, process_count: int = 1) -> gra
 def heldout_batches(cfg, *, num_batches: int | None = None, seq_len: int | None = None,
                     batch_size: int | None = None) -> list[dict]:
   """The first batches of the held-out documents, in a fixed order (the same every call)."""
+  n = num_batches or cfg.data.eval_batches
+  if cfg.data.source == "mqar":
+    bs = batch_size or cfg.data.batch_size
+    return list(mqar_dataset(seed=cfg.train.seed + MQAR_HELDOUT_SEED_OFFSET,
+                             seq_len=seq_len or cfg.data.seq_len,
+                             num_pairs=cfg.data.mqar_num_pairs, batch_size=bs,
+                             num_rows=n * bs))
   docs = load_documents(cfg.data, "heldout")
   it = packed_dataset(docs, get_tokenizer(cfg.data.tokenizer),
                       seq_len=seq_len or cfg.data.seq_len,
@@ -82,7 +104,7 @@ def heldout_batches(cfg, *, num_batches: int | None = None, seq_len: int | None 
   out = []
   for batch in it:
     out.append(batch)
-    if len(out) == (num_batches or cfg.data.eval_batches):
+    if len(out) == n:
       break
   if not out:
     raise ValueError(f"held-out split of data.source={cfg.data.source!r} is too small for one "

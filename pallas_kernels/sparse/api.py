@@ -12,11 +12,15 @@ KERNELS: dict = {}
 
 
 def resolve_impl(impl: str) -> str:
+  """"auto": the kernel on GPU/TPU when there is one, else the block-skipping path; on the CPU
+  the dense masked reference, which at the lengths CPU runs use is the fastest (the gathers of
+  the block-skipping path cost more there than the work they skip)."""
   if impl != "auto":
     return impl
-  if "pallas" in KERNELS and _common.backend() in ("gpu", "tpu"):
-    return "pallas"
-  return "xla"
+  backend = _common.backend()
+  if backend in ("gpu", "tpu"):
+    return "pallas" if "pallas" in KERNELS else "xla"
+  return "reference"
 
 
 def sparse_attention(q, k, v, *, pattern, causal=True, segment_ids=None, sm_scale=None,
