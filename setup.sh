@@ -18,6 +18,12 @@ find_python() {
       echo "$(pyenv root)/versions/$v/bin/python3"; return 0
     done
   fi
+  # Last resort, asked for by launch scripts on hosts without Python 3.12 (e.g. TPU VM images):
+  # uv fetches a standalone CPython 3.12.
+  if [ "${LMTRAIN_SETUP_UV:-0}" = 1 ]; then
+    python3 -m pip install -q --user uv >&2 && ~/.local/bin/uv python install 3.12 >&2 &&
+      ~/.local/bin/uv python find 3.12 && return 0
+  fi
   return 1
 }
 

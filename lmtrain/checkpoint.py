@@ -7,10 +7,38 @@ exact step boundary, and stored as JSON beside the arrays.
 """
 from __future__ import annotations
 
+import json
 import os
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+
+
+class DataStateMismatch:
+  """Restored in place of the iterator state when the checkpoint was written by another number
+  of processes (the parameters are still good: evaluation and fine-tuning can use them)."""
+
+  def __init__(self, written_by: int):
+    self.written_by = written_by
+
+  def message(self) -> str:
+    return (f"the checkpoint's data iterator state was written by {self.written_by} processes, "
+            f"and this run has {jax.process_count()}")
+
+
+def _gather_json(value) -> list:
+  """Every process's JSON-able value, in process order, on every process."""
+  if jax.process_count() == 1:
+    return [value]
+  from jax.experimental import multihost_utils
+  blob = np.frombuffer(json.dumps(value).encode("utf-8"), np.uint8)
+  sizes = multihost_utils.process_allgather(np.asarray([blob.size], np.int32))
+  padded = np.zeros(int(np.max(sizes)), np.uint8)
+  padded[:blob.size] = blob
+  gathered = multihost_utils.process_allgather(padded)
+  return [json.loads(bytes(gathered[i][:int(sizes[i][0])]).decode("utf-8"))
+          for i in range(jax.process_count())]
 
 
 class Checkpointer:
@@ -32,24 +60,37 @@ class Checkpointer:
     return list(self.manager.all_steps())
 
   def save(self, step: int, state, data_state: dict | None) -> None:
+    """Saves `state` (written by all processes together) and this process's iterator state
+    (every process's, gathered, so that each finds its own on restore)."""
     args = {"state": ocp.args.StandardSave(state)}
     if data_state is not None:
-      args["data"] = ocp.args.JsonSave(data_state)
+      args["data"] = ocp.args.JsonSave({"process_count": jax.process_count(),
+                                        "states": _gather_json(data_state)})
     self.manager.save(step, args=ocp.args.Composite(**args), force=True)
 
   def restore(self, step: int, abstract_state, shardings=None):
-    """(state, data_state) at `step`; arrays are placed with `shardings` (any mesh)."""
+    """(state, data_state) at `step`; arrays are placed with `shardings` (any mesh; by default
+    this process's first device)."""
     self.check_compatible(step, abstract_state)
-    if shardings is not None:
-      abstract_state = jax.tree.map(
-          lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state,
-          shardings)
+    if shardings is None:  # onto this process's first device, whatever mesh wrote it
+      device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+      shardings = jax.tree.map(lambda _: device, abstract_state)
+    abstract_state = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state,
+        shardings)
     args = {"state": ocp.args.StandardRestore(abstract_state)}
     has_data = os.path.isdir(os.path.join(self.directory, str(step), "data"))
     if has_data:
       args["data"] = ocp.args.JsonRestore()
     restored = self.manager.restore(step, args=ocp.args.Composite(**args))
-    return restored["state"], restored["data"] if has_data else None
+    if not has_data:
+      return restored["state"], None
+    data = restored["data"]
+    if data["process_count"] != jax.process_count():
+      # The arrays restore onto any mesh; each host's data position does not: it belongs to
+      # the host's shard of the documents.
+      return restored["state"], DataStateMismatch(data["process_count"])
+    return restored["state"], data["states"][jax.process_index()]
 
   def check_compatible(self, step: int, abstract_state) -> None:
     """Raises ValueError naming the first array whose shape or dtype differs from the saved one."""

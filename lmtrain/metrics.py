@@ -58,9 +58,12 @@ class Progress:
     self.total = total_steps
     self.stream = stream or sys.stdout
     self.inplace = self.stream.isatty()
+    self.silent = jax.process_index() != 0  # one console for the whole job
 
   def update(self, step: int, loss: float, tokens_per_sec: float, step_time: float,
              extra: str = "") -> None:
+    if self.silent:
+      return
     eta = _fmt_duration(max(self.total - step, 0) * step_time)
     line = (f"step {step:>{len(str(self.total))}}/{self.total} | loss {loss:.4f} | "
             f"{tokens_per_sec / 1e3:,.1f}k tok/s | {step_time * 1e3:.0f} ms/step | eta {eta}")
@@ -73,6 +76,8 @@ class Progress:
     self.stream.flush()
 
   def message(self, text: str) -> None:
+    if self.silent:
+      return
     if self.inplace:
       self.stream.write("\n")
     self.stream.write(text + "\n")

@@ -18,11 +18,12 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from lmtrain import cli, parallel
-from lmtrain.checkpoint import Checkpointer
+from lmtrain import cli, distributed, parallel
+from lmtrain.checkpoint import Checkpointer, DataStateMismatch
 from lmtrain.data import heldout_batches, set_iterator_state, train_dataset
 from lmtrain.data.pipeline import BATCH_KEYS
 from lmtrain.evals.runner import EvalSuite, eval_names
+from lmtrain.flops import peak_flops, train_flops_per_step
 from lmtrain.metrics import MetricWriter, Progress, Stopwatch
 from lmtrain.trainer import Trainer
 
@@ -130,6 +131,9 @@ def train(cfg, workdir: str) -> dict:
       raise CheckpointMismatch(
           f"the checkpoint at step {latest} in {ckpt.directory} does not fit this config "
           f"(did the model or optimizer change?): {str(e).splitlines()[0]}") from e
+    if isinstance(data_state, DataStateMismatch):
+      raise CheckpointMismatch(f"cannot resume training from step {latest}: "
+                               f"{data_state.message()}")
     set_iterator_state(data_iter, data_state)
     _log(f"resumed from checkpoint step {latest} in {workdir}")
   start = int(jax.device_get(state["step"]))
@@ -164,6 +168,8 @@ def train(cfg, workdir: str) -> dict:
         f.write(cfg.to_json_best_effort(indent=2))
   progress = Progress(cfg.train.steps)
   tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
+  flops_per_step = train_flops_per_step(cfg.model, cfg.data.batch_size, cfg.data.seq_len)
+  peak = peak_flops(jax.devices()[0].device_kind, cfg.model.dtype)
   pending: list[tuple[int, dict]] = []  # metrics still on device, fetched at log points
   last_good = latest
   watch = Stopwatch()
@@ -186,8 +192,13 @@ def train(cfg, workdir: str) -> dict:
                          "train/grad_norm": m["grad_norm"]})
     step_time = elapsed / len(pending)
     tps = tokens_per_step / step_time
-    writer.scalars(step, {"perf/tokens_per_sec": tps, "perf/step_time": step_time})
-    progress.update(step, float(fetched[-1]["loss"]), tps, step_time)
+    perf = {"perf/tokens_per_sec": tps, "perf/step_time": step_time,
+            "perf/tokens_per_sec_per_device": tps / jax.device_count()}
+    if peak is not None:
+      perf["perf/mfu"] = flops_per_step / step_time / (peak * jax.device_count())
+    writer.scalars(step, perf)
+    progress.update(step, float(fetched[-1]["loss"]), tps, step_time,
+                    extra=f"MFU {perf['perf/mfu']:.1%}" if "perf/mfu" in perf else "")
     final = {"step": step, "loss": float(fetched[-1]["loss"])}
     pending.clear()
 
@@ -242,6 +253,10 @@ def main(argv):
   cfg = cli.load_config(_CONFIG)
   if not _WORKDIR.value:
     cli.fail("--workdir is required")
+  try:
+    distributed.initialize()
+  except ValueError as e:
+    cli.fail(str(e))
   try:
     parallel.mesh_shape(cfg.mesh, jax.device_count())
   except parallel.MeshError as e:

@@ -1,0 +1,172 @@
+"""Sharded and multi-process training on CPU: 8 virtual devices, 2 local processes; meshes,
+FLOP counts and the launch scripts."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from lmtrain import parallel
+from lmtrain.flops import attention_pairs, train_flops_per_step
+from tests.conftest import REPO, cli_args, read_scalars, run_module, small_config
+
+EIGHT = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+
+
+def scenario(*args):
+  proc = subprocess.run([sys.executable, "-m", "tests.multidevice", *args], cwd=REPO,
+                        env={**os.environ, **EIGHT}, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")][-1]
+  return json.loads(line[len("RESULT "):])
+
+
+@pytest.mark.slow
+def test_meshes_give_the_single_device_losses_and_declared_shardings():
+  r = scenario("meshes")
+  for mesh, got in r["meshes"].items():
+    # fp32 sums reduce in another order across devices: equal to 1e-5 relative.
+    np.testing.assert_allclose(got["losses"], r["single"], rtol=1e-5, err_msg=mesh)
+    assert got["specs_ok"], mesh
+  m = r["meshes"]
+  assert m["(8, 1, 1, 1)"]["embed_spec"] == "P(None, None)"  # pure data parallel
+  assert m["(2, 4, 1, 1)"]["embed_spec"] == "P(None, 'fsdp')"  # FSDP shards params
+  assert m["(2, 4, 1, 1)"]["embed_shard_shape"] == [258, 16]
+  assert m["(2, 4, 1, 1)"]["mu_spec"] == "P(None, 'fsdp')"  # and the Adam moments with them
+  assert m["(2, 2, 2, 1)"]["q_spec"] == "P('fsdp', 'tensor', None)"  # heads over tensor
+  assert m["(1, 2, 2, 2)"]["embed_spec"] == "P('tensor', 'fsdp')"
+
+
+@pytest.mark.slow
+def test_checkpoint_saved_on_one_mesh_restores_on_another(tmp_path):
+  r = scenario("reshard", str(tmp_path / "ckpt"))
+  assert r["q_spec"] == "P('fsdp', 'tensor', None)"
+  np.testing.assert_allclose(r["resharded"], r["continued"], rtol=1e-5)
+  assert r["data_state_ok"]
+
+
+def test_mesh_sizes_resolve_and_bad_ones_fail():
+  assert parallel.mesh_shape({"data": -1, "fsdp": 2, "tensor": 1, "sequence": 1}, 8) == (4, 2, 1, 1)
+  with pytest.raises(parallel.MeshError, match="does not divide 8 devices"):
+    parallel.mesh_shape({"data": -1, "fsdp": 3, "tensor": 1, "sequence": 1}, 8)
+  with pytest.raises(parallel.MeshError, match="uses 4 devices, but there are 8"):
+    parallel.mesh_shape({"data": 2, "fsdp": 2, "tensor": 1, "sequence": 1}, 8)
+
+
+def test_cli_mesh_that_does_not_divide_devices_exits_2(tmp_path):
+  proc = run_module("lmtrain.train", cli_args(**{"mesh.data": 3}) + ["--workdir", str(tmp_path)],
+                    env=EIGHT)
+  assert proc.returncode == 2
+  assert proc.stderr.strip().splitlines() == [
+      "lmtrain: error: mesh {'data': 3, 'fsdp': 1, 'tensor': 1, 'sequence': 1} uses 3 devices, "
+      "but there are 8"]
+
+
+def test_logical_rules_replicate_what_does_not_divide():
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1, 1, 1), parallel.MESH_AXES)
+  assert parallel.logical_to_spec(("embed", "kv_heads"), (64, 1), mesh) == jax.sharding.PartitionSpec(None, None)
+
+
+@pytest.mark.slow
+def test_two_processes_train_together_like_one_process_with_the_global_batch(tmp_path):
+  workdir = str(tmp_path / "two")
+  overrides = {"train.steps": 4, "train.checkpoint_every": 4, "train.eval_every": 4,
+               "train.warmup_steps": 1}
+  args = cli_args(**overrides) + ["--workdir", workdir]
+  procs = [subprocess.Popen(
+      [sys.executable, "-m", "lmtrain.train", *args, "--coordinator_address=localhost:23456",
+       "--num_processes=2", f"--process_id={i}"], cwd=REPO,
+      env={**os.environ, "JAX_PLATFORMS": "cpu"}, stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  outs = [p.communicate(timeout=600)[0] for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], outs
+  assert "step 4/4" in outs[0] and "step 4/4" not in outs[1]  # one console
+  two_proc = read_scalars(workdir)["train/loss"]
+
+  # The same steps in this process: the global batch is host 0's rows then host 1's rows.
+  from lmtrain.checkpoint import Checkpointer
+  from lmtrain.data import train_dataset
+  from lmtrain.trainer import Trainer
+  cfg = small_config(**overrides)
+  hosts = [iter(train_dataset(cfg, process_index=i, process_count=2)) for i in range(2)]
+  first = [next(h) for h in hosts]
+  assert not np.array_equal(first[0]["tokens"], first[1]["tokens"])  # different data per host
+  trainer = Trainer.from_config(cfg)
+  state = jax.jit(trainer.init_state, static_argnums=0)(cfg.train.seed)
+  step = jax.jit(trainer.train_step)
+  losses = []
+  for i in range(4):
+    parts = first if i == 0 else [next(h) for h in hosts]
+    batch = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    state, m = step(state, batch)
+    losses.append(float(m["loss"]))
+  np.testing.assert_allclose([two_proc[s] for s in range(1, 5)], losses, rtol=1e-5)
+  # Both processes wrote one checkpoint; a single process restores it.
+  ckpt = Checkpointer(workdir, keep=3)
+  assert ckpt.all_steps() == [4]
+  restored, data_state = ckpt.restore(4, trainer.abstract_state())
+  for a, b in zip(jax.tree.leaves(restored["params"]), jax.tree.leaves(state["params"])):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  assert "2 processes" in data_state.message()
+
+
+# ---- FLOPs -----------------------------------------------------------------------------------
+
+def test_attention_pair_counts():
+  cfg = small_config()
+  a = cfg.model.attention
+  t = 64
+  assert attention_pairs("softmax", a, t) == t * (t + 1) / 2
+  a.window = 1000
+  assert attention_pairs("sliding_window", a, t) == t * (t + 1) / 2
+  a.window = 8
+  assert attention_pairs("sliding_window", a, t) == sum(min(i + 1, 8) for i in range(t))
+  a.window, a.block_size, a.top_k = None, 16, 100
+  assert attention_pairs("moba", a, t) == t * (t + 1) / 2
+  a.top_k = 2
+  assert attention_pairs("moba", a, t) == sum((i % 16) + 1 + (16 if i >= 16 else 0)
+                                              for i in range(t))
+  a.top_k, a.local_blocks, a.global_blocks = None, 4, 0
+  assert attention_pairs("block_sparse", a, t) == t * (t + 1) / 2
+
+
+def test_matmul_flops_are_six_per_parameter_per_token():
+  from lmtrain.trainer import build_model
+  cfg = small_config()
+  fns, init = build_model(cfg.model)
+  params = jax.eval_shape(init, jax.random.key(0))
+  flat = jax.tree_util.tree_flatten_with_path(params)[0]
+  n = sum(int(np.prod(x.shape)) for p, x in flat
+          if x.ndim >= 2 and not jax.tree_util.keystr(p).startswith("['embed']"))
+  total = train_flops_per_step(cfg.model, 2, 64)
+  attn = 3 * 2 * 4 * 2 * 32 * (64 * 65 / 2) * cfg.model.num_layers  # 3 x B x 4 H Dh pairs
+  assert total == pytest.approx(6 * n * 2 * 64 + attn)
+
+
+# ---- launch scripts --------------------------------------------------------------------------
+
+def test_tpu_pod_dry_run_prints_every_gcloud_command():
+  proc = subprocess.run(["bash", "launch/tpu_pod.sh", "--name", "pod1", "--zone", "us-east5-a",
+                         "--accelerator", "v5p-64", "--dry-run", "--", "--config",
+                         "configs/tiny.py", "--workdir", "/mnt/runs/x"], cwd=REPO,
+                        capture_output=True, text=True, timeout=60)
+  assert proc.returncode == 0, proc.stderr
+  lines = proc.stdout.splitlines()
+  assert lines[0] == ("+ gcloud compute tpus tpu-vm create pod1 --zone us-east5-a "
+                      "--accelerator-type v5p-64 --version v2-alpha-tpuv5")
+  assert any("tpu-vm scp /tmp/lmtrain-pod1.tgz pod1:lmtrain.tgz --zone us-east5-a --worker=all"
+             in l for l in lines)
+  run = [l for l in lines if "lmtrain.train" in l]
+  assert len(run) == 1 and "--worker=all" in run[0] and "configs/tiny.py" in run[0]
+  assert lines[-1] == "+ gcloud compute tpus tpu-vm delete pod1 --zone us-east5-a --quiet"
+  proc = subprocess.run(["bash", "launch/tpu_pod.sh", "--name", "q", "--zone", "z",
+                         "--accelerator", "v4-32", "--queued", "--keep", "--dry-run", "--", "x"],
+                        cwd=REPO, capture_output=True, text=True, timeout=60)
+  assert "queued-resources create q --node-id q" in proc.stdout
+  assert "delete" not in proc.stdout  # --keep
+  proc = subprocess.run(["bash", "launch/tpu_pod.sh", "--zone", "z", "--dry-run", "--", "x"],
+                        cwd=REPO, capture_output=True, text=True, timeout=60)
+  assert proc.returncode == 2 and "--name is required" in proc.stderr
