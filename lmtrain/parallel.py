@@ -75,8 +75,38 @@ def param_shardings(abstract_params, logical_axes, mesh: Mesh):
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """Batches [B, T] are split over data x fsdp on B."""
-  return NamedSharding(mesh, P(("data", "fsdp")))
+  """Batches [B, T] are split over data x fsdp on B and over sequence on T (whose columns the
+  trainer lays out zigzag for ring attention, see `sequence_layout`)."""
+  return NamedSharding(mesh, P(("data", "fsdp"), "sequence"))
+
+
+def sequence_layout(mesh: Mesh, seq_len: int):
+  """The column permutation of batches for sequence parallelism (None without it)."""
+  n = mesh.shape["sequence"]
+  if n == 1:
+    return None
+  from lmtrain.ring_attention import zigzag_permutation
+  return zigzag_permutation(seq_len, n)
+
+
+def check_config_fits_mesh(cfg, shape: tuple[int, ...]) -> None:
+  """Raises MeshError (one line) when the batch or the model cannot be laid out on the mesh."""
+  sizes = dict(zip(MESH_AXES, shape))
+  rows = sizes["data"] * sizes["fsdp"]
+  if cfg.data.batch_size % rows:
+    raise MeshError(f"data.batch_size={cfg.data.batch_size} is not divisible by "
+                    f"mesh data x fsdp = {rows}")
+  if sizes["sequence"] > 1:
+    from lmtrain.model import layer_kinds
+    kinds = set(layer_kinds(cfg.model))
+    if kinds != {"softmax"}:
+      raise MeshError(f"mesh.sequence={sizes['sequence']} (ring attention) runs attention kind "
+                      f"softmax only, not {', '.join(sorted(kinds - {'softmax'}))}")
+    if cfg.model.position == "alibi":
+      raise MeshError("mesh.sequence > 1 (ring attention) does not take model.position='alibi'")
+    if cfg.data.seq_len % (2 * sizes["sequence"]):
+      raise MeshError(f"data.seq_len={cfg.data.seq_len} is not divisible by 2 x mesh.sequence "
+                      f"= {2 * sizes['sequence']} (the zigzag layout of ring attention)")
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

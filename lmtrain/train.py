@@ -103,7 +103,10 @@ def _host_slice(batch):
   return jax.tree.map(lambda x: x[i * x.shape[0] // n:(i + 1) * x.shape[0] // n], batch)
 
 
-def _to_global(batch, sharding):
+def _to_global(batch, sharding, columns=None):
+  """Host batch -> global arrays; `columns` reorders the sequence (ring attention's zigzag)."""
+  if columns is not None:
+    batch = jax.tree.map(lambda x: x[:, columns], batch)
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
 
 
@@ -114,6 +117,7 @@ def train(cfg, workdir: str) -> dict:
   trainer = Trainer.from_config(cfg)
   shardings = trainer.state_shardings(mesh)
   batch_sharding = parallel.batch_sharding(mesh)
+  columns = parallel.sequence_layout(mesh, cfg.data.seq_len)
   abstract_state = trainer.abstract_state()
   ckpt = Checkpointer(workdir, keep=cfg.train.keep_checkpoints,
                       async_save=cfg.train.async_checkpoints)
@@ -122,7 +126,9 @@ def train(cfg, workdir: str) -> dict:
 
   latest = ckpt.latest_step()
   if latest is None:
-    state = jax.jit(trainer.init_state, static_argnums=0, out_shardings=shardings)(cfg.train.seed)
+    with jax.set_mesh(mesh):
+      state = jax.jit(trainer.init_state, static_argnums=0,
+                      out_shardings=shardings)(cfg.train.seed)
     _log(f"starting at step 0 in {workdir}")
   else:
     try:
@@ -145,13 +151,16 @@ def train(cfg, workdir: str) -> dict:
   step_fn = jax.jit(trainer.train_step, in_shardings=(shardings, batch_sharding),
                     out_shardings=(shardings, rep), donate_argnums=0)
   t0 = time.perf_counter()
-  compiled = step_fn.lower(abstract_with(abstract_state, shardings), batch_spec).compile()
+  with jax.set_mesh(mesh):  # the model reads the mesh (ring attention over "sequence")
+    compiled = step_fn.lower(abstract_with(abstract_state, shardings), batch_spec).compile()
   _log(f"compiled the train step in {time.perf_counter() - t0:.1f}s; "
        f"{_memory_report(compiled, abstract_state, shardings)}")
-  eval_fn = jax.jit(trainer.eval_step, in_shardings=(shardings["params"], batch_sharding),
-                    out_shardings=rep)
+  with jax.set_mesh(mesh):
+    eval_fn = jax.jit(trainer.eval_step, in_shardings=(shardings["params"], batch_sharding),
+                      out_shardings=rep).lower(
+                          abstract_with(abstract_state, shardings)["params"], batch_spec).compile()
   # Every host evaluates the same held-out rows; each contributes its slice of the global batch.
-  heldout = [_to_global(_host_slice(b), batch_sharding)
+  heldout = [_to_global(_host_slice(b), batch_sharding, columns)
              for b in heldout_batches(cfg)]
 
   eval_suite = None
@@ -206,7 +215,7 @@ def train(cfg, workdir: str) -> dict:
     with _StopSignal() as stop:
       step = start
       while step < cfg.train.steps:
-        batch = _to_global(next(data_iter), batch_sharding)
+        batch = _to_global(next(data_iter), batch_sharding, columns)
         state, metrics = compiled(state, batch)
         step += 1
         pending.append((step, metrics))
@@ -258,7 +267,7 @@ def main(argv):
   except ValueError as e:
     cli.fail(str(e))
   try:
-    parallel.mesh_shape(cfg.mesh, jax.device_count())
+    parallel.check_config_fits_mesh(cfg, parallel.mesh_shape(cfg.mesh, jax.device_count()))
   except parallel.MeshError as e:
     cli.fail(str(e))
   try:

@@ -26,19 +26,26 @@ def mesh_of(sizes, devices=None):
 
 
 def run_steps(cfg, mesh, batches, state=None):
+  """Like lmtrain.train: shardings from the rules, the zigzag layout when sequence > 1."""
   trainer = Trainer.from_config(cfg)
   shardings = trainer.state_shardings(mesh)
   bsh = parallel.batch_sharding(mesh)
-  if state is None:
-    state = jax.jit(trainer.init_state, static_argnums=0, out_shardings=shardings)(0)
-  else:
-    state = jax.device_put(state, shardings)
-  step = jax.jit(trainer.train_step, in_shardings=(shardings, bsh),
-                 out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=0)
-  losses = []
-  for b in batches:
-    state, m = step(state, jax.device_put(b, bsh))
-    losses.append(float(m["loss"]))
+  columns = parallel.sequence_layout(mesh, cfg.data.seq_len)
+  with jax.set_mesh(mesh):
+    if state is None:
+      state = jax.jit(trainer.init_state, static_argnums=0, out_shardings=shardings)(0)
+    else:
+      state = jax.device_put(state, shardings)
+    step = jax.jit(trainer.train_step, in_shardings=(shardings, bsh),
+                   out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=0)
+    losses = []
+    for b in batches:
+      if columns is not None:
+        b = {k: x[:, columns] for k, x in b.items()}
+      state, m = step(state, jax.device_put(b, bsh))
+      losses.append(float(m["loss"]))
+    hlo = step.lower(state, jax.device_put(b, bsh)).as_text()
+  run_steps.used_ring = "ppermute" in hlo or "collective_permute" in hlo
   return state, losses, trainer, shardings
 
 
@@ -58,7 +65,7 @@ def meshes():
     q = state["params"]["blocks"][0]["attn"]["q_proj"]["kernel"]
     mu = state["opt_state"][1][0].mu["embed"]["embedding"]
     out["meshes"][str(sizes)] = {
-        "losses": losses, "specs_ok": specs_ok,
+        "losses": losses, "specs_ok": specs_ok, "ring": run_steps.used_ring,
         "embed_spec": str(emb.sharding.spec), "q_spec": str(q.sharding.spec),
         "embed_shard_shape": list(emb.sharding.shard_shape(emb.shape)),
         "mu_spec": str(mu.sharding.spec)}
@@ -86,8 +93,44 @@ def reshard_restore(tmpdir):
           "data_state_ok": data_state is not None}
 
 
+def ring():
+  """Ring attention on 8 devices (sequence = 8) against the single-device reference."""
+  from lmtrain.ring_attention import ring_attention, zigzag_permutation
+  from pallas_kernels.blockwise import dense_attention
+  jax.config.update("jax_enable_x64", False)
+  r = np.random.default_rng(0)
+  b, t, hq, hkv, d = 2, 64, 4, 2, 16
+  q = jnp.asarray(r.normal(size=(b, t, hq, d)), jnp.float32)
+  k = jnp.asarray(r.normal(size=(b, t, hkv, d)), jnp.float32)
+  v = jnp.asarray(r.normal(size=(b, t, hkv, d)), jnp.float32)
+  seg = jnp.asarray(np.sort(r.integers(1, 4, size=(b, t)), axis=1), jnp.int32)
+  cot = jnp.asarray(r.normal(size=(b, t, hq, d)), jnp.float32)
+  mesh = mesh_of((1, 1, 1, 8))
+  perm = zigzag_permutation(t, 8)
+  inv = np.argsort(perm)
+
+  def ring_loss(q, k, v):
+    out = ring_attention(q[:, perm], k[:, perm], v[:, perm], seg[:, perm], mesh=mesh)
+    return jnp.sum(out[:, inv] * cot), out[:, inv]
+
+  def ref_loss(q, k, v):
+    out = dense_attention(q, k, v, causal=True, segment_ids=seg)
+    return jnp.sum(out * cot), out
+
+  (_, o1), g1 = jax.jit(jax.value_and_grad(ring_loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+  (_, o2), g2 = jax.value_and_grad(ref_loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
+  return {"out_err": float(jnp.max(jnp.abs(o1 - o2))),
+          "grad_err": [float(jnp.max(jnp.abs(a - b))) for a, b in zip(g1, g2)],
+          "out_scale": float(jnp.max(jnp.abs(o2)))}
+
+
 if __name__ == "__main__":
   scenario = sys.argv[1]
   assert jax.device_count() == 8, jax.devices()
-  result = meshes() if scenario == "meshes" else reshard_restore(sys.argv[2])
+  if scenario == "meshes":
+    result = meshes()
+  elif scenario == "ring":
+    result = ring()
+  else:
+    result = reshard_restore(sys.argv[2])
   print("RESULT " + json.dumps(result))

@@ -38,6 +38,28 @@ def test_meshes_give_the_single_device_losses_and_declared_shardings():
   assert m["(2, 4, 1, 1)"]["mu_spec"] == "P(None, 'fsdp')"  # and the Adam moments with them
   assert m["(2, 2, 2, 1)"]["q_spec"] == "P('fsdp', 'tensor', None)"  # heads over tensor
   assert m["(1, 2, 2, 2)"]["embed_spec"] == "P('tensor', 'fsdp')"
+  assert m["(1, 2, 2, 2)"]["ring"] and not m["(2, 2, 2, 1)"]["ring"]  # ring attention ran
+
+
+@pytest.mark.slow
+def test_ring_attention_on_8_devices_equals_the_reference():
+  r = scenario("ring")
+  assert r["out_err"] < 1e-5 * r["out_scale"] + 1e-6
+  assert max(r["grad_err"]) < 1e-5
+
+
+def test_zigzag_layout_balances_causal_work():
+  from lmtrain.ring_attention import local_rows, zigzag_permutation
+  perm = zigzag_permutation(32, 4)
+  assert sorted(perm.tolist()) == list(range(32))
+  shards = perm.reshape(4, 8)
+  for i in range(4):
+    np.testing.assert_array_equal(shards[i], np.asarray(local_rows(32, 4, i)))
+  # causal pairs each shard's queries see: equal for every shard
+  work = [sum(int(r) + 1 for r in shard) for shard in shards]
+  assert len(set(work)) == 1
+  with pytest.raises(ValueError, match="divisible by 8"):
+    zigzag_permutation(36, 4)
 
 
 @pytest.mark.slow
@@ -170,3 +192,25 @@ def test_tpu_pod_dry_run_prints_every_gcloud_command():
   proc = subprocess.run(["bash", "launch/tpu_pod.sh", "--zone", "z", "--dry-run", "--", "x"],
                         cwd=REPO, capture_output=True, text=True, timeout=60)
   assert proc.returncode == 2 and "--name is required" in proc.stderr
+
+
+def test_sequence_parallel_mesh_rejects_kinds_ring_attention_cannot_run(tmp_path):
+  args = cli_args(**{"mesh.sequence": 2, "mesh.data": -1}) + ["--workdir", str(tmp_path)]
+  args[1] = "configs/tiny.py:attention=linear"
+  proc = run_module("lmtrain.train", args, env=EIGHT)
+  assert proc.returncode == 2
+  assert "runs attention kind softmax only, not linear" in proc.stderr.strip().splitlines()[-1]
+  proc = run_module("lmtrain.train", cli_args(**{"mesh.data": 16}) + ["--workdir", str(tmp_path)],
+                    env=EIGHT)
+  assert proc.returncode == 2 and "uses 16 devices" in proc.stderr
+
+
+@pytest.mark.slow
+def test_cli_trains_with_ring_attention_on_a_sequence_mesh(tmp_path):
+  args = cli_args(**{"mesh.data": 2, "mesh.fsdp": 1, "mesh.tensor": 1, "mesh.sequence": 4,
+                     "train.steps": 3, "train.checkpoint_every": 3, "train.eval_every": 3,
+                     "train.warmup_steps": 1})
+  proc = run_module("lmtrain.train", args + ["--workdir", str(tmp_path)], env=EIGHT)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  losses = read_scalars(str(tmp_path))["train/loss"]
+  assert sorted(losses) == [1, 2, 3] and all(np.isfinite(list(losses.values())))

@@ -17,6 +17,7 @@ import pallas_kernels
 from lmtrain.config import attention_option
 from lmtrain.model import positions as pos
 from lmtrain.model.layers import normal_init
+from lmtrain.ring_attention import SEQUENCE_AXIS, ring_attention
 
 # GLA's normaliser: log-gates are log_sigmoid(.) / 16, so a fresh layer keeps most of its state.
 GATE_LOGIT_NORMALIZER = 16.0
@@ -76,6 +77,10 @@ class Attention(nnx.Module):
     slopes = None if self.alibi is None else jnp.asarray(self.alibi, jnp.float32)
     common = dict(causal=True, segment_ids=segment_ids, alibi_slopes=slopes, impl=self.impl)
     if self.kind == "softmax":
+      mesh = jax.sharding.get_abstract_mesh()
+      if not mesh.empty and mesh.shape.get(SEQUENCE_AXIS, 1) > 1:
+        # context parallelism: the trainer laid the sequence out zigzag over the sequence axis
+        return ring_attention(q, k, v, segment_ids, mesh=mesh)
       return pallas_kernels.blockwise_attention(q, k, v, **common)
     return pallas_kernels.sparse_attention(q, k, v, pattern=self._pattern(q.shape[1]), **common)
 
