@@ -61,3 +61,16 @@ def validated(cfg):
   except config_lib.ConfigError as e:
     fail(str(e))
   return cfg
+
+
+def start(argv, config_holder, workdir_flag):
+  """The common start of the entry points: quiet logs, no stray arguments, a valid config and a
+  workdir. Returns (cfg, workdir) or exits 2 with one line."""
+  from absl import logging
+  logging.set_verbosity(logging.WARNING)
+  if len(argv) > 1:
+    fail(f"unexpected arguments: {' '.join(argv[1:])}")
+  cfg = load_config(config_holder)
+  if not workdir_flag.value:
+    fail("--workdir is required")
+  return cfg, workdir_flag.value

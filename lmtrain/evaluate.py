@@ -10,7 +10,7 @@ import math
 import os
 
 import jax
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 from lmtrain import cli
@@ -50,18 +50,13 @@ def evaluate(cfg, workdir: str, names, step: int | None = None) -> dict:
 
 
 def main(argv):
-  logging.set_verbosity(logging.WARNING)
-  if len(argv) > 1:
-    cli.fail(f"unexpected arguments: {' '.join(argv[1:])}")
-  cfg = cli.load_config(_CONFIG)
-  if not _WORKDIR.value:
-    cli.fail("--workdir is required")
+  cfg, workdir = cli.start(argv, _CONFIG, _WORKDIR)
   try:
     names = eval_names(_EVALS.value)
   except ValueError as e:
     cli.fail(f"--evals: {e}")
   try:
-    results = evaluate(cfg, _WORKDIR.value, names, _STEP.value)
+    results = evaluate(cfg, workdir, names, _STEP.value)
   except FileNotFoundError as e:
     cli.fail(str(e))
   for name, result in results.items():

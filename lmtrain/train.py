@@ -15,7 +15,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 from lmtrain import cli, distributed, parallel
@@ -256,12 +256,7 @@ def abstract_with(abstract_state, shardings):
 
 
 def main(argv):
-  logging.set_verbosity(logging.WARNING)
-  if len(argv) > 1:
-    cli.fail(f"unexpected arguments: {' '.join(argv[1:])}")
-  cfg = cli.load_config(_CONFIG)
-  if not _WORKDIR.value:
-    cli.fail("--workdir is required")
+  cfg, workdir = cli.start(argv, _CONFIG, _WORKDIR)
   try:
     distributed.initialize()
   except ValueError as e:
@@ -271,7 +266,7 @@ def main(argv):
   except parallel.MeshError as e:
     cli.fail(str(e))
   try:
-    final = train(cfg, _WORKDIR.value)
+    final = train(cfg, workdir)
   except NonFiniteLoss as e:
     cli.fail(str(e), code=1)
   except CheckpointMismatch as e:

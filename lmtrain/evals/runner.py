@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import jax
 import numpy as np
 
 from lmtrain.data.sources import load_documents
@@ -104,7 +105,7 @@ class EvalSuite:
       payload = {"eval": name, "step": int(step), "num_params": self.num_params,
                  "attention": _attention_summary(self.cfg), "train_seq_len": self.t,
                  "result": result}
-      if out_dir is not None:
+      if out_dir is not None and jax.process_index() == 0:  # one writer for the whole job
         report.write_json(os.path.join(out_dir, f"{name}.json"), payload)
         report.write_json(os.path.join(out_dir, f"{name}_step{int(step)}.json"), payload)
       if writer is not None:
