@@ -108,3 +108,19 @@ def test_kind_fields_are_checked(overrides, needle):
   with pytest.raises(config_lib.ConfigError, match=None) as e:
     config_lib.validate(small_config(**overrides))
   assert needle in str(e.value)
+
+
+@pytest.mark.parametrize("variant,position", [("softmax", "alibi"), ("sliding_window", "alibi"),
+                                              ("moba", "alibi"), ("softmax", "none"),
+                                              ("linear", "none")])
+def test_positions_alibi_and_none_are_causal_and_isolate_documents(variant, position):
+  cfg = variant_config(variant, **{"model.position": position})
+  config_lib.validate(cfg)
+  model = jitted_model(cfg)
+  tok = tokens(1, 40, 5)
+  seg = jnp.asarray([[1] * 15 + [2] * 25], jnp.int32)
+  base = np.asarray(model(tok, seg))
+  out = np.asarray(model(tok.at[:, 20].set((tok[:, 20] + 3) % 256), seg))
+  np.testing.assert_array_equal(out[:, :20], base[:, :20])
+  other = np.asarray(model(tok.at[:, :15].set(tokens(1, 15, 9)), seg))
+  np.testing.assert_allclose(other[:, 15:], base[:, 15:], atol=1e-5)
