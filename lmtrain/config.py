@@ -238,9 +238,13 @@ def _validate_kind_fields(cfg, kinds) -> None:
     for kind in kinds:
       family = KIND_FAMILY[kind]
       api = importlib.import_module(f"pallas_kernels.{family}.api")
-      if impl not in api.KERNELS:
-        _fail(f"model.attention.impl={impl!r}: pallas_kernels.{family} has no such kernel yet "
-              f"(needed by attention kind {kind!r})")
+      if api.kernel_for(impl) is None:
+        import jax
+        _fail(f"model.attention.impl={impl!r}: pallas_kernels.{family} has no such kernel for "
+              f"backend {jax.default_backend()!r} yet (needed by attention kind {kind!r})")
+      if kind == "softmax" and cfg.model.position == "alibi":
+        _fail(f"model.attention.impl={impl!r}: the Pallas softmax kernel does not take "
+              "model.position='alibi' yet")
 
 
 def validate(cfg) -> None:

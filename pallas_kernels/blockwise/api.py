@@ -5,11 +5,28 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import _common
+from pallas_kernels.blockwise.pallas_tpu import flash_attention_tpu
 from pallas_kernels.blockwise.reference import blockwise_reference, dense_attention
 
 _NAME = "blockwise_attention"
-# Kernels register themselves here as they land: impl name -> function with this signature.
-KERNELS: dict = {}
+
+
+def _tpu_interpret(q, k, v, **kw):
+  from jax.experimental.pallas import tpu as pltpu
+  return flash_attention_tpu(q, k, v, interpret=pltpu.InterpretParams(), **kw)
+
+
+# impl -> backend -> kernel ("any": every backend, e.g. interpret mode on the CPU).
+KERNELS: dict = {
+    "pallas": {"tpu": flash_attention_tpu},
+    "interpret": {"any": _tpu_interpret},
+}
+
+
+def kernel_for(impl: str, backend: str | None = None):
+  """The kernel function for impl on this backend, or None."""
+  table = KERNELS.get(impl, {})
+  return table.get(backend or _common.backend()) or table.get("any")
 
 
 def _cudnn(q, k, v, *, causal, segment_ids, sm_scale, alibi_slopes):
@@ -29,7 +46,7 @@ def resolve_impl(impl: str) -> str:
   if impl != "auto":
     return impl
   backend = _common.backend()
-  if "pallas" in KERNELS and backend in ("gpu", "tpu"):
+  if backend in ("gpu", "tpu") and kernel_for("pallas", backend) is not None:
     return "pallas"
   if backend == "gpu":
     return "cudnn"
@@ -41,6 +58,9 @@ def resolve_impl(impl: str) -> str:
 def blockwise_attention(q, k, v, *, causal=True, segment_ids=None, sm_scale=None,
                         alibi_slopes=None, impl="auto"):
   """Softmax attention, q [B, T, Hq, D], k/v [B, S, Hkv, D] -> [B, T, Hq, D] in q's dtype.
+
+  impl: "reference" (jnp online softmax), "xla" (dense), "cudnn" (GPU), "pallas" (the Pallas
+  TPU kernel on a TPU), "interpret" (that kernel in TPU interpret mode, on any backend), "auto".
 
   causal: query t sees key s only if s <= t. segment_ids [B, T] int32: tokens attend only within
   their own segment (packed documents). sm_scale defaults to D**-0.5. alibi_slopes [Hq]: adds
@@ -60,6 +80,8 @@ def blockwise_attention(q, k, v, *, causal=True, segment_ids=None, sm_scale=None
     return dense_attention(q, k, v, **kwargs)
   if impl == "cudnn":
     return _cudnn(q, k, v, **kwargs)
-  if impl not in KERNELS:
-    raise ValueError(f"{_NAME}: impl={impl!r} has no kernel in this build yet")
-  return KERNELS[impl](q, k, v, **kwargs)
+  kernel = kernel_for(impl)
+  if kernel is None:
+    raise ValueError(f"{_NAME}: impl={impl!r} has no kernel for backend {_common.backend()!r} "
+                     "yet (GPU: use cudnn)")
+  return kernel(q, k, v, **kwargs)

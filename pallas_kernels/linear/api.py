@@ -7,8 +7,13 @@ from pallas_kernels.linear.reference import (FEATURE_MAPS, init_state, linear_ch
 
 _NAME = "linear_attention"
 _IMPLS = ("auto", "reference", "xla", "pallas", "interpret", "interpret_gpu")
-# Kernels register themselves here as they land: impl name -> function with this signature.
+# impl -> backend -> kernel, as in blockwise/api.py; kernels register here as they land.
 KERNELS: dict = {}
+
+
+def kernel_for(impl: str, backend: str | None = None):
+  table = KERNELS.get(impl, {})
+  return table.get(backend or _common.backend()) or table.get("any")
 
 
 def _check(q, k, v, decay, feature_map, chunk_size):
@@ -32,7 +37,7 @@ def _check(q, k, v, decay, feature_map, chunk_size):
 def resolve_impl(impl: str) -> str:
   if impl != "auto":
     return impl
-  if "pallas" in KERNELS and _common.backend() in ("gpu", "tpu"):
+  if _common.backend() in ("gpu", "tpu") and kernel_for("pallas"):
     return "pallas"
   return "xla"
 
@@ -57,9 +62,11 @@ def linear_attention(q, k, v, *, feature_map="elu1", decay=None, normalize=True,
                 segment_ids=segment_ids)
   if impl in ("reference", "xla"):
     return linear_chunked(q, k, v, **kwargs)
-  if impl not in KERNELS:
-    raise ValueError(f"{_NAME}: impl={impl!r} has no kernel in this build yet")
-  return KERNELS[impl](q, k, v, **kwargs)
+  kernel = kernel_for(impl)
+  if kernel is None:
+    raise ValueError(f"{_NAME}: impl={impl!r} has no kernel for backend {_common.backend()!r} "
+                     "yet")
+  return kernel(q, k, v, **kwargs)
 
 
 def linear_attention_step(state, q_t, k_t, v_t, *, feature_map="elu1", decay=None,

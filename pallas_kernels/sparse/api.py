@@ -7,8 +7,13 @@ from pallas_kernels.sparse.reference import sparse_blockwise, sparse_reference
 
 _NAME = "sparse_attention"
 _IMPLS = ("auto", "reference", "xla", "pallas", "interpret", "interpret_gpu")
-# Kernels register themselves here as they land: impl name -> function with this signature.
+# impl -> backend -> kernel, as in blockwise/api.py; kernels register here as they land.
 KERNELS: dict = {}
+
+
+def kernel_for(impl: str, backend: str | None = None):
+  table = KERNELS.get(impl, {})
+  return table.get(backend or _common.backend()) or table.get("any")
 
 
 def resolve_impl(impl: str) -> str:
@@ -19,7 +24,7 @@ def resolve_impl(impl: str) -> str:
     return impl
   backend = _common.backend()
   if backend in ("gpu", "tpu"):
-    return "pallas" if "pallas" in KERNELS else "xla"
+    return "pallas" if kernel_for("pallas", backend) else "xla"
   return "reference"
 
 
@@ -50,6 +55,8 @@ def sparse_attention(q, k, v, *, pattern, causal=True, segment_ids=None, sm_scal
     return sparse_reference(q, k, v, **kwargs)
   if impl == "xla":
     return sparse_blockwise(q, k, v, **kwargs)
-  if impl not in KERNELS:
-    raise ValueError(f"{_NAME}: impl={impl!r} has no kernel in this build yet")
-  return KERNELS[impl](q, k, v, **kwargs)
+  kernel = kernel_for(impl)
+  if kernel is None:
+    raise ValueError(f"{_NAME}: impl={impl!r} has no kernel for backend {_common.backend()!r} "
+                     "yet")
+  return kernel(q, k, v, **kwargs)
