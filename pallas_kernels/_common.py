@@ -73,3 +73,19 @@ def segment_starts(segment_ids_BT):
   """Index of the first token of each token's segment: [B, T] (segments are contiguous runs)."""
   idx = jnp.arange(segment_ids_BT.shape[1], dtype=jnp.int32)[None, :]
   return jax.lax.cummax(jnp.where(segment_start_mask(segment_ids_BT), idx, 0), axis=1)
+
+
+def kernel_for(kernels: dict, impl: str, backend: str | None = None):
+  """From a family's table impl -> backend -> kernel ("any": every backend): the kernel for
+  impl on this backend, or None."""
+  table = kernels.get(impl, {})
+  return table.get(backend or jax.default_backend()) or table.get("any")
+
+
+def call_kernel(kernels: dict, impl: str, name: str, *args, **kwargs):
+  """Runs the registered kernel for impl on this backend, or says in one line that there is none."""
+  kernel = kernel_for(kernels, impl)
+  if kernel is None:
+    raise ValueError(f"{name}: impl={impl!r} has no kernel for backend {backend()!r} yet "
+                     "(impl='reference' and 'xla' run everywhere)")
+  return kernel(*args, **kwargs)

@@ -24,9 +24,7 @@ KERNELS: dict = {
 
 
 def kernel_for(impl: str, backend: str | None = None):
-  """The kernel function for impl on this backend, or None."""
-  table = KERNELS.get(impl, {})
-  return table.get(backend or _common.backend()) or table.get("any")
+  return _common.kernel_for(KERNELS, impl, backend)
 
 
 def _cudnn(q, k, v, *, causal, segment_ids, sm_scale, alibi_slopes):
@@ -80,8 +78,4 @@ def blockwise_attention(q, k, v, *, causal=True, segment_ids=None, sm_scale=None
     return dense_attention(q, k, v, **kwargs)
   if impl == "cudnn":
     return _cudnn(q, k, v, **kwargs)
-  kernel = kernel_for(impl)
-  if kernel is None:
-    raise ValueError(f"{_NAME}: impl={impl!r} has no kernel for backend {_common.backend()!r} "
-                     "yet (GPU: use cudnn)")
-  return kernel(q, k, v, **kwargs)
+  return _common.call_kernel(KERNELS, impl, _NAME, q, k, v, **kwargs)

@@ -81,6 +81,17 @@ def _fwd_kernel(q_ref, k_ref, v_ref, qs_ref, ks_ref, o_ref, lse_ref, m_scr, l_sc
 
 # ---- backward ----------------------------------------------------------------------------------
 
+def _probs_and_dscores(q_ref, k_ref, v_ref, qs_ref, ks_ref, do_ref, lse_ref, delta_ref, qi, ki,
+                       *, scale, causal, bq, bk, s_len):
+  """The recomputed probabilities p [bq, bk] of a tile and the score gradients ds = p (dp -
+  delta), from the saved log-sum-exp (FlashAttention-2's backward)."""
+  s = _dot(q_ref[...], k_ref[...], 1, 1) * scale
+  keep = _mask(qi, ki, bq, bk, qs_ref[...][:, 0], ks_ref[...][:, 0], causal=causal, s_len=s_len)
+  p = jnp.where(keep, jnp.exp(s - lse_ref[...]), 0.0)
+  dp = _dot(do_ref[...], v_ref[...], 1, 1)
+  return p, p * (dp - delta_ref[...])
+
+
 def _dq_kernel(q_ref, k_ref, v_ref, qs_ref, ks_ref, do_ref, lse_ref, delta_ref, dq_ref, dq_scr,
                *, scale, causal, bq, bk, s_len):
   qi, ki = pl.program_id(2), pl.program_id(3)
@@ -91,12 +102,8 @@ def _dq_kernel(q_ref, k_ref, v_ref, qs_ref, ks_ref, do_ref, lse_ref, delta_ref, 
 
   @pl.when(_visible(qi, ki, bq, bk, causal))
   def _body():
-    s = _dot(q_ref[...], k_ref[...], 1, 1) * scale
-    keep = _mask(qi, ki, bq, bk, qs_ref[...][:, 0], ks_ref[...][:, 0], causal=causal,
-                 s_len=s_len)
-    p = jnp.where(keep, jnp.exp(s - lse_ref[...]), 0.0)
-    dp = _dot(do_ref[...], v_ref[...], 1, 1)
-    ds = p * (dp - delta_ref[...])
+    _, ds = _probs_and_dscores(q_ref, k_ref, v_ref, qs_ref, ks_ref, do_ref, lse_ref, delta_ref,
+                               qi, ki, scale=scale, causal=causal, bq=bq, bk=bk, s_len=s_len)
     dq_scr[...] += _dot(ds.astype(k_ref.dtype), k_ref[...]) * scale
 
   @pl.when(ki == pl.num_programs(3) - 1)
@@ -115,13 +122,9 @@ def _dkv_kernel(q_ref, k_ref, v_ref, qs_ref, ks_ref, do_ref, lse_ref, delta_ref,
 
   @pl.when(_visible(qi, ki, bq, bk, causal))
   def _body():
-    s = _dot(q_ref[...], k_ref[...], 1, 1) * scale  # [bq, bk]
-    keep = _mask(qi, ki, bq, bk, qs_ref[...][:, 0], ks_ref[...][:, 0], causal=causal,
-                 s_len=s_len)
-    p = jnp.where(keep, jnp.exp(s - lse_ref[...]), 0.0)
+    p, ds = _probs_and_dscores(q_ref, k_ref, v_ref, qs_ref, ks_ref, do_ref, lse_ref, delta_ref,
+                               qi, ki, scale=scale, causal=causal, bq=bq, bk=bk, s_len=s_len)
     dv_scr[...] += _dot(p.astype(do_ref.dtype), do_ref[...], 0, 0)  # p^T do
-    dp = _dot(do_ref[...], v_ref[...], 1, 1)
-    ds = p * (dp - delta_ref[...])
     dk_scr[...] += _dot(ds.astype(q_ref.dtype), q_ref[...], 0, 0) * scale  # ds^T q
 
   @pl.when(qi == pl.num_programs(3) - 1)

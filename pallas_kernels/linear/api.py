@@ -12,8 +12,7 @@ KERNELS: dict = {}
 
 
 def kernel_for(impl: str, backend: str | None = None):
-  table = KERNELS.get(impl, {})
-  return table.get(backend or _common.backend()) or table.get("any")
+  return _common.kernel_for(KERNELS, impl, backend)
 
 
 def _check(q, k, v, decay, feature_map, chunk_size):
@@ -62,11 +61,7 @@ def linear_attention(q, k, v, *, feature_map="elu1", decay=None, normalize=True,
                 segment_ids=segment_ids)
   if impl in ("reference", "xla"):
     return linear_chunked(q, k, v, **kwargs)
-  kernel = kernel_for(impl)
-  if kernel is None:
-    raise ValueError(f"{_NAME}: impl={impl!r} has no kernel for backend {_common.backend()!r} "
-                     "yet")
-  return kernel(q, k, v, **kwargs)
+  return _common.call_kernel(KERNELS, impl, _NAME, q, k, v, **kwargs)
 
 
 def linear_attention_step(state, q_t, k_t, v_t, *, feature_map="elu1", decay=None,

@@ -12,8 +12,7 @@ KERNELS: dict = {}
 
 
 def kernel_for(impl: str, backend: str | None = None):
-  table = KERNELS.get(impl, {})
-  return table.get(backend or _common.backend()) or table.get("any")
+  return _common.kernel_for(KERNELS, impl, backend)
 
 
 def resolve_impl(impl: str) -> str:
@@ -55,8 +54,4 @@ def sparse_attention(q, k, v, *, pattern, causal=True, segment_ids=None, sm_scal
     return sparse_reference(q, k, v, **kwargs)
   if impl == "xla":
     return sparse_blockwise(q, k, v, **kwargs)
-  kernel = kernel_for(impl)
-  if kernel is None:
-    raise ValueError(f"{_NAME}: impl={impl!r} has no kernel for backend {_common.backend()!r} "
-                     "yet")
-  return kernel(q, k, v, **kwargs)
+  return _common.call_kernel(KERNELS, impl, _NAME, q, k, v, **kwargs)
