@@ -40,11 +40,12 @@ def check_against_reference(q, k, v, seg, cot, *, causal, block, interpret=None,
   (_, o2), g2 = jax.value_and_grad(reference, argnums=(0, 1, 2), has_aux=True)(q, k, v)
   for name, got, want in zip(("out", "dq", "dk", "dv"), (o1, *g1), (o2, *g2)):
     assert np.all(np.isfinite(got)), f"{name}: unwritten (NaN-poisoned) or non-finite values"
-    scale = float(jnp.max(jnp.abs(want)))
+    scale = max(float(jnp.max(jnp.abs(want))), 1.0)
     np.testing.assert_allclose(got, want, atol=rtol * scale, rtol=rtol, err_msg=name)
 
 
-@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=6, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow])
 @given(t=st.integers(9, 70), ratio=st.sampled_from([1, 2, 4]), causal=st.booleans(),
        segments=st.booleans(), block=st.sampled_from([8, 16, 32]), seed=st.integers(0, 99))
 def test_kernel_matches_reference_on_random_shapes(t, ratio, causal, segments, block, seed):

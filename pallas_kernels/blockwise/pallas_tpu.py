@@ -1,15 +1,19 @@
-"""Flash attention as Pallas TPU (Mosaic) kernels: forward, and a backward in two kernels (dq;
-dk and dv), for causal or full attention with GQA, segment ids and any length.
+"""Flash attention as Pallas TPU (Mosaic) kernels driven by block lists: forward, and a backward
+in two kernels (dq; dk and dv). One parameterised kernel serves dense causal or full attention
+and the sparse patterns (a sliding window, any static block mask): the caller says which key
+blocks each query block visits, and only those are loaded and computed.
 
-Layout inside: [B, H, T, D] (the wrapper transposes), grid (batch, head, query block, key block)
-with the key axis innermost ("arbitrary"): running max, sum and accumulator live in VMEM
-scratch across it. Key blocks that causality hides entirely are skipped (pl.when), and the
-index maps of k and v send query head h to key/value head h // (Hq // Hkv), so no head is
-repeated in memory. The tail of a length that is not a multiple of the block is padded and
-masked by position.
+Layout inside: [B, H, T, D] (the wrapper transposes). Grid (batch, head, query block, list
+slot): slot j of query block i is key block idx[i, j], scalar-prefetched, so its DMA is issued
+from the list; slots past the list's length repeat the last block (no new copy) and do no work.
+The running max, sum and accumulator live in VMEM scratch across the slots. The dk/dv kernel
+walks the transposed lists (for each key block, the query blocks that visit it). Index maps send
+query head h to key/value head h // (Hq // Hkv): no head is repeated in memory. Inside a tile,
+causality, the window, segment ids and the padded tail (any length works) are masked by
+position.
 
-On the CPU the same kernels run in TPU interpret mode (impl="interpret"), which is how they
-are tested.
+On the CPU the same kernels run in TPU interpret mode (impl="interpret"), which is how they are
+tested.
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
@@ -24,6 +29,7 @@ from pallas_kernels._common import cdiv
 
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 DEFAULT_BLOCK = 128
+SEMANTICS = ("parallel", "parallel", "parallel", "arbitrary")
 
 
 def _dot(a, b, contract_a=1, contract_b=0):
@@ -31,37 +37,68 @@ def _dot(a, b, contract_a=1, contract_b=0):
                              preferred_element_type=jnp.float32)
 
 
-def _mask(qi, ki, bq, bk, q_seg, k_seg, *, causal, s_len):
+# ---- block lists ---------------------------------------------------------------------------------
+
+def dense_block_keep(nq: int, nk: int, bq: int, bk: int, causal: bool) -> np.ndarray:
+  """[nq, nk]: the key blocks dense attention visits (all, or those causality leaves)."""
+  if not causal:
+    return np.ones((nq, nk), bool)
+  return (np.arange(nk)[None, :] * bk) <= (np.arange(nq)[:, None] * bq + bq - 1)
+
+
+def block_keep_for(nq: int, nk: int, bq: int, bk: int, *, causal: bool,
+                   window: int | None = None) -> np.ndarray:
+  """[nq, nk]: dense (causal or not) block visibility, narrowed to the band of a window: key
+  block j is kept when it can hold a key within the window of some query of block i."""
+  keep = dense_block_keep(nq, nk, bq, bk, causal)
+  if window is not None:
+    i, j = np.arange(nq)[:, None], np.arange(nk)[None, :]
+    keep &= (j * bk + bk - 1 > i * bq - window) & (j * bk < i * bq + bq - 1 + window)
+  return keep
+
+
+def lists_from_keep(keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Row-wise lists of kept columns: (idx [rows, n_max] int32 padded with the row's last kept
+  column, count [rows] int32)."""
+  n_max = max(int(keep.sum(axis=1).max()), 1)
+  idx = np.zeros((keep.shape[0], n_max), np.int32)
+  count = keep.sum(axis=1).astype(np.int32)
+  for r in range(keep.shape[0]):
+    cols = np.flatnonzero(keep[r])
+    if len(cols):
+      idx[r, :len(cols)] = cols
+      idx[r, len(cols):] = cols[-1]
+  return idx, count
+
+
+# ---- kernels -------------------------------------------------------------------------------------
+
+def _mask(qi, ki, q_seg, k_seg, *, bq, bk, causal, window, s_len):
   q_pos = qi * bq + jax.lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
   k_pos = ki * bk + jax.lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
   keep = (k_pos < s_len) & (q_seg[:, None] == k_seg[None, :])
   if causal:
     keep = keep & (k_pos <= q_pos)
+  if window is not None:
+    keep = keep & (jnp.abs(q_pos - k_pos) < window)
   return keep
 
 
-def _visible(qi, ki, bq, bk, causal):
-  """False when causality hides the whole (query block, key block) tile: skip its work."""
-  return (ki * bk <= qi * bq + bq - 1) if causal else True
+def _fwd_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, qs_ref, ks_ref, o_ref, lse_ref, m_scr,
+                l_scr, acc_scr, *, scale, mask):
+  qi, j = pl.program_id(2), pl.program_id(3)
+  ki = idx_ref[qi, j]
 
-
-# ---- forward -----------------------------------------------------------------------------------
-
-def _fwd_kernel(q_ref, k_ref, v_ref, qs_ref, ks_ref, o_ref, lse_ref, m_scr, l_scr, acc_scr, *,
-                scale, causal, bq, bk, s_len):
-  qi, ki = pl.program_id(2), pl.program_id(3)
-
-  @pl.when(ki == 0)
+  @pl.when(j == 0)
   def _init():
     m_scr[...] = jnp.full(m_scr.shape, MASK_VALUE, jnp.float32)
     l_scr[...] = jnp.zeros(l_scr.shape, jnp.float32)
     acc_scr[...] = jnp.zeros(acc_scr.shape, jnp.float32)
 
-  @pl.when(_visible(qi, ki, bq, bk, causal))
+  @pl.when(j < cnt_ref[qi])
   def _body():
     s = _dot(q_ref[...], k_ref[...], 1, 1) * scale  # [bq, bk]
-    keep = _mask(qi, ki, bq, bk, qs_ref[...][:, 0], ks_ref[...][:, 0], causal=causal,
-                 s_len=s_len)
+    keep = mask(qi, ki, qs_ref[...][:, 0], ks_ref[...][:, 0])
     s = jnp.where(keep, s, MASK_VALUE)
     m_prev = m_scr[...]  # [bq, 1]
     m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
@@ -71,7 +108,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, qs_ref, ks_ref, o_ref, lse_ref, m_scr, l_sc
     acc_scr[...] = alpha * acc_scr[...] + _dot(p.astype(v_ref.dtype), v_ref[...])
     m_scr[...] = m_new
 
-  @pl.when(ki == pl.num_programs(3) - 1)
+  @pl.when(j == pl.num_programs(3) - 1)
   def _finish():
     l = l_scr[...]
     safe = jnp.where(l == 0.0, 1.0, l)
@@ -79,175 +116,185 @@ def _fwd_kernel(q_ref, k_ref, v_ref, qs_ref, ks_ref, o_ref, lse_ref, m_scr, l_sc
     lse_ref[...] = jnp.where(l == 0.0, jnp.inf, m_scr[...] + jnp.log(safe))
 
 
-# ---- backward ----------------------------------------------------------------------------------
-
 def _probs_and_dscores(q_ref, k_ref, v_ref, qs_ref, ks_ref, do_ref, lse_ref, delta_ref, qi, ki,
-                       *, scale, causal, bq, bk, s_len):
+                       *, scale, mask):
   """The recomputed probabilities p [bq, bk] of a tile and the score gradients ds = p (dp -
   delta), from the saved log-sum-exp (FlashAttention-2's backward)."""
   s = _dot(q_ref[...], k_ref[...], 1, 1) * scale
-  keep = _mask(qi, ki, bq, bk, qs_ref[...][:, 0], ks_ref[...][:, 0], causal=causal, s_len=s_len)
+  keep = mask(qi, ki, qs_ref[...][:, 0], ks_ref[...][:, 0])
   p = jnp.where(keep, jnp.exp(s - lse_ref[...]), 0.0)
   dp = _dot(do_ref[...], v_ref[...], 1, 1)
   return p, p * (dp - delta_ref[...])
 
 
-def _dq_kernel(q_ref, k_ref, v_ref, qs_ref, ks_ref, do_ref, lse_ref, delta_ref, dq_ref, dq_scr,
-               *, scale, causal, bq, bk, s_len):
-  qi, ki = pl.program_id(2), pl.program_id(3)
+def _dq_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, qs_ref, ks_ref, do_ref, lse_ref, delta_ref,
+               dq_ref, dq_scr, *, scale, mask):
+  qi, j = pl.program_id(2), pl.program_id(3)
+  ki = idx_ref[qi, j]
 
-  @pl.when(ki == 0)
+  @pl.when(j == 0)
   def _init():
     dq_scr[...] = jnp.zeros(dq_scr.shape, jnp.float32)
 
-  @pl.when(_visible(qi, ki, bq, bk, causal))
+  @pl.when(j < cnt_ref[qi])
   def _body():
     _, ds = _probs_and_dscores(q_ref, k_ref, v_ref, qs_ref, ks_ref, do_ref, lse_ref, delta_ref,
-                               qi, ki, scale=scale, causal=causal, bq=bq, bk=bk, s_len=s_len)
+                               qi, ki, scale=scale, mask=mask)
     dq_scr[...] += _dot(ds.astype(k_ref.dtype), k_ref[...]) * scale
 
-  @pl.when(ki == pl.num_programs(3) - 1)
+  @pl.when(j == pl.num_programs(3) - 1)
   def _finish():
     dq_ref[...] = dq_scr[...].astype(dq_ref.dtype)
 
 
-def _dkv_kernel(q_ref, k_ref, v_ref, qs_ref, ks_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
-                dk_scr, dv_scr, *, scale, causal, bq, bk, s_len):
-  ki, qi = pl.program_id(2), pl.program_id(3)
+def _dkv_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, qs_ref, ks_ref, do_ref, lse_ref, delta_ref,
+                dk_ref, dv_ref, dk_scr, dv_scr, *, scale, mask):
+  ki, j = pl.program_id(2), pl.program_id(3)
+  qi = idx_ref[ki, j]
 
-  @pl.when(qi == 0)
+  @pl.when(j == 0)
   def _init():
     dk_scr[...] = jnp.zeros(dk_scr.shape, jnp.float32)
     dv_scr[...] = jnp.zeros(dv_scr.shape, jnp.float32)
 
-  @pl.when(_visible(qi, ki, bq, bk, causal))
+  @pl.when(j < cnt_ref[ki])
   def _body():
     p, ds = _probs_and_dscores(q_ref, k_ref, v_ref, qs_ref, ks_ref, do_ref, lse_ref, delta_ref,
-                               qi, ki, scale=scale, causal=causal, bq=bq, bk=bk, s_len=s_len)
+                               qi, ki, scale=scale, mask=mask)
     dv_scr[...] += _dot(p.astype(do_ref.dtype), do_ref[...], 0, 0)  # p^T do
     dk_scr[...] += _dot(ds.astype(q_ref.dtype), q_ref[...], 0, 0) * scale  # ds^T q
 
-  @pl.when(qi == pl.num_programs(3) - 1)
+  @pl.when(j == pl.num_programs(3) - 1)
   def _finish():
     dk_ref[...] = dk_scr[...].astype(dk_ref.dtype)
     dv_ref[...] = dv_scr[...].astype(dv_ref.dtype)
 
 
-# ---- wrapper -----------------------------------------------------------------------------------
+# ---- pallas_call plumbing -----------------------------------------------------------------------
 
 def _specs(bq, bk, d, group, *, kv_major: bool):
-  """BlockSpecs of q, k, v, q segments, k segments, for grid (b, h, i, j): i indexes query
-  blocks and j key blocks, or the reverse when kv_major (the dk/dv kernel)."""
+  """BlockSpecs of (q, k, q segments, k segments, per-query rows) for grid (b, h, outer, slot)
+  with scalar-prefetched (idx, count): outer is the query block and idx[outer, slot] the key
+  block, or the reverse when kv_major (the dk/dv kernel)."""
   if kv_major:
-    qmap = lambda b, h, j, i: (b, h, i, 0)
-    kmap = lambda b, h, j, i: (b, h // group, j, 0)
-    qsmap = lambda b, h, j, i: (b, i, 0)
-    ksmap = lambda b, h, j, i: (b, j, 0)
+    qb = lambda i, j, idx: idx[i, j]
+    kb = lambda i, j, idx: i
   else:
-    qmap = lambda b, h, i, j: (b, h, i, 0)
-    kmap = lambda b, h, i, j: (b, h // group, j, 0)
-    qsmap = lambda b, h, i, j: (b, i, 0)
-    ksmap = lambda b, h, i, j: (b, j, 0)
-  q = pl.BlockSpec((None, None, bq, d), qmap)
-  k = pl.BlockSpec((None, None, bk, d), kmap)
-  qs = pl.BlockSpec((None, bq, 1), qsmap)
-  ks = pl.BlockSpec((None, bk, 1), ksmap)
-  row = pl.BlockSpec((None, None, bq, 1), qmap)  # lse, delta: one value per query
+    qb = lambda i, j, idx: i
+    kb = lambda i, j, idx: idx[i, j]
+  q = pl.BlockSpec((None, None, bq, d), lambda b, h, i, j, idx, cnt: (b, h, qb(i, j, idx), 0))
+  k = pl.BlockSpec((None, None, bk, d),
+                   lambda b, h, i, j, idx, cnt: (b, h // group, kb(i, j, idx), 0))
+  qs = pl.BlockSpec((None, bq, 1), lambda b, h, i, j, idx, cnt: (b, qb(i, j, idx), 0))
+  ks = pl.BlockSpec((None, bk, 1), lambda b, h, i, j, idx, cnt: (b, kb(i, j, idx), 0))
+  row = pl.BlockSpec((None, None, bq, 1), lambda b, h, i, j, idx, cnt: (b, h, qb(i, j, idx), 0))
   return q, k, qs, ks, row
+
+
+def _call(kernel, grid, lists, in_specs, out_specs, out_shape, scratch, interpret, name, *args):
+  idx, cnt = lists
+  spec = pltpu.PrefetchScalarGridSpec(num_scalar_prefetch=2, grid=grid, in_specs=in_specs,
+                                      out_specs=out_specs, scratch_shapes=scratch)
+  return pl.pallas_call(kernel, grid_spec=spec, out_shape=out_shape,
+                        compiler_params=pltpu.CompilerParams(dimension_semantics=SEMANTICS),
+                        interpret=interpret, name=name)(jnp.asarray(idx), jnp.asarray(cnt), *args)
 
 
 def _block_size(n: int, block: int) -> int:
   return min(block, max(8, -(-n // 8) * 8))
 
 
-def _prepare(q, k, v, segment_ids, block_q, block_k):
-  b, t, hq, d = q.shape
-  s, hkv = k.shape[1], k.shape[2]
-  bq, bk = _block_size(t, block_q), _block_size(s, block_k)
+def _prepare(q, k, v, segment_ids, bq, bk):
+  b, t = q.shape[:2]
+  s = k.shape[1]
   tp, sp = cdiv(t, bq) * bq, cdiv(s, bk) * bk
   to_bhtd = lambda x, n: jnp.pad(x, ((0, 0), (0, n - x.shape[1]), (0, 0), (0, 0))).transpose(
       0, 2, 1, 3)
-  seg = jnp.zeros((b, t), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
-  q_seg = jnp.pad(seg, ((0, 0), (0, tp - t)), constant_values=-1)[..., None]
-  k_seg = jnp.pad(seg if segment_ids is not None else jnp.zeros((b, s), jnp.int32),
-                  ((0, 0), (0, sp - s)), constant_values=-2)[..., None]
-  return (to_bhtd(q, tp), to_bhtd(k, sp), to_bhtd(v, sp), q_seg, k_seg, bq, bk, hq // hkv)
+  seg_q = jnp.zeros((b, t), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
+  seg_k = jnp.zeros((b, s), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
+  q_seg = jnp.pad(seg_q, ((0, 0), (0, tp - t)), constant_values=-1)[..., None]
+  k_seg = jnp.pad(seg_k, ((0, 0), (0, sp - s)), constant_values=-2)[..., None]
+  return to_bhtd(q, tp), to_bhtd(k, sp), to_bhtd(v, sp), q_seg, k_seg
 
 
-def _forward(q, k, v, segment_ids, *, causal, scale, block_q, block_k, interpret):
+def _forward(q, k, v, segment_ids, cfg):
   b, t, hq, d = q.shape
-  s = k.shape[1]
-  qt, kt, vt, q_seg, k_seg, bq, bk, group = _prepare(q, k, v, segment_ids, block_q, block_k)
-  grid = (b, hq, qt.shape[2] // bq, kt.shape[2] // bk)
-  qspec, kspec, qsspec, ksspec, row = _specs(bq, bk, d, group, kv_major=False)
-  kernel = functools.partial(_fwd_kernel, scale=scale, causal=causal, bq=bq, bk=bk, s_len=s)
-  o, lse = pl.pallas_call(
-      kernel, grid=grid,
-      in_specs=[qspec, kspec, kspec, qsspec, ksspec],
-      out_specs=[qspec, row],
-      out_shape=[jax.ShapeDtypeStruct(qt.shape, q.dtype),
-                 jax.ShapeDtypeStruct(qt.shape[:3] + (1,), jnp.float32)],
-      scratch_shapes=[pltpu.VMEM((bq, 1), jnp.float32), pltpu.VMEM((bq, 1), jnp.float32),
-                      pltpu.VMEM((bq, d), jnp.float32)],
-      compiler_params=pltpu.CompilerParams(
-          dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
-      interpret=interpret, name="lmtrain_flash_fwd",
-  )(qt, kt, vt, q_seg, k_seg)
-  return o[:, :, :t].transpose(0, 2, 1, 3), (qt, kt, vt, q_seg, k_seg, o, lse, bq, bk, group)
+  qt, kt, vt, q_seg, k_seg = _prepare(q, k, v, segment_ids, cfg.bq, cfg.bk)
+  group = hq // k.shape[2]
+  nq = qt.shape[2] // cfg.bq
+  qspec, kspec, qsspec, ksspec, row = _specs(cfg.bq, cfg.bk, d, group, kv_major=False)
+  o, lse = _call(
+      functools.partial(_fwd_kernel, scale=cfg.scale, mask=cfg.mask),
+      (b, hq, nq, cfg.fwd_lists[0].shape[1]), cfg.fwd_lists,
+      [qspec, kspec, kspec, qsspec, ksspec], [qspec, row],
+      [jax.ShapeDtypeStruct(qt.shape, q.dtype),
+       jax.ShapeDtypeStruct(qt.shape[:3] + (1,), jnp.float32)],
+      [pltpu.VMEM((cfg.bq, 1), jnp.float32), pltpu.VMEM((cfg.bq, 1), jnp.float32),
+       pltpu.VMEM((cfg.bq, d), jnp.float32)],
+      cfg.interpret, "lmtrain_flash_fwd", qt, kt, vt, q_seg, k_seg)
+  return o[:, :, :t].transpose(0, 2, 1, 3), (qt, kt, vt, q_seg, k_seg, o, lse)
 
 
-def _backward(res, do, *, causal, scale, s_len, interpret, shapes):
-  qt, kt, vt, q_seg, k_seg, o, lse, bq, bk, group = res
+def _backward(res, do, cfg, shapes):
+  qt, kt, vt, q_seg, k_seg, o, lse = res
   b, t, hq, d = shapes
   hkv = kt.shape[1]
+  group = hq // hkv
   do_t = jnp.pad(do, ((0, 0), (0, qt.shape[2] - t), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
   delta = jnp.sum(do_t.astype(jnp.float32) * o.astype(jnp.float32), axis=-1, keepdims=True)
-  nq, nk = qt.shape[2] // bq, kt.shape[2] // bk
-  kw = dict(scale=scale, causal=causal, bq=bq, bk=bk, s_len=s_len)
-  qspec, kspec, qsspec, ksspec, row = _specs(bq, bk, d, group, kv_major=False)
-  dq = pl.pallas_call(
-      functools.partial(_dq_kernel, **kw), grid=(b, hq, nq, nk),
-      in_specs=[qspec, kspec, kspec, qsspec, ksspec, qspec, row, row], out_specs=qspec,
-      out_shape=jax.ShapeDtypeStruct(qt.shape, qt.dtype),
-      scratch_shapes=[pltpu.VMEM((bq, d), jnp.float32)],
-      compiler_params=pltpu.CompilerParams(
-          dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
-      interpret=interpret, name="lmtrain_flash_dq",
-  )(qt, kt, vt, q_seg, k_seg, do_t, lse, delta)
-  qspec, kspec, qsspec, ksspec, row = _specs(bq, bk, d, group, kv_major=True)
-  # dk and dv per query head (kv-major grid over key blocks), summed over each group below.
-  dkv_spec = pl.BlockSpec((None, None, bk, d), lambda b_, h, j, i: (b_, h, j, 0))
-  dk, dv = pl.pallas_call(
-      functools.partial(_dkv_kernel, **kw), grid=(b, hq, nk, nq),
-      in_specs=[qspec, kspec, kspec, qsspec, ksspec, qspec, row, row],
-      out_specs=[dkv_spec, dkv_spec],
-      out_shape=[jax.ShapeDtypeStruct((b, hq, kt.shape[2], d), jnp.float32)] * 2,
-      scratch_shapes=[pltpu.VMEM((bk, d), jnp.float32), pltpu.VMEM((bk, d), jnp.float32)],
-      compiler_params=pltpu.CompilerParams(
-          dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
-      interpret=interpret, name="lmtrain_flash_dkv",
-  )(qt, kt, vt, q_seg, k_seg, do_t, lse, delta)
+  nq, nk = qt.shape[2] // cfg.bq, kt.shape[2] // cfg.bk
+  kw = dict(scale=cfg.scale, mask=cfg.mask)
+  args = (qt, kt, vt, q_seg, k_seg, do_t, lse, delta)
+  qspec, kspec, qsspec, ksspec, row = _specs(cfg.bq, cfg.bk, d, group, kv_major=False)
+  dq = _call(functools.partial(_dq_kernel, **kw), (b, hq, nq, cfg.fwd_lists[0].shape[1]),
+             cfg.fwd_lists, [qspec, kspec, kspec, qsspec, ksspec, qspec, row, row], qspec,
+             jax.ShapeDtypeStruct(qt.shape, qt.dtype), [pltpu.VMEM((cfg.bq, d), jnp.float32)],
+             cfg.interpret, "lmtrain_flash_dq", *args)
+  qspec, kspec, qsspec, ksspec, row = _specs(cfg.bq, cfg.bk, d, group, kv_major=True)
+  # dk and dv per query head over the transposed lists, summed over each group below.
+  dkv_spec = pl.BlockSpec((None, None, cfg.bk, d), lambda b_, h, i, j, idx, cnt: (b_, h, i, 0))
+  dk, dv = _call(functools.partial(_dkv_kernel, **kw), (b, hq, nk, cfg.bwd_lists[0].shape[1]),
+                 cfg.bwd_lists, [qspec, kspec, kspec, qsspec, ksspec, qspec, row, row],
+                 [dkv_spec, dkv_spec],
+                 [jax.ShapeDtypeStruct((b, hq, kt.shape[2], d), jnp.float32)] * 2,
+                 [pltpu.VMEM((cfg.bk, d), jnp.float32), pltpu.VMEM((cfg.bk, d), jnp.float32)],
+                 cfg.interpret, "lmtrain_flash_dkv", *args)
+  s_len = cfg.s_len
   fold = lambda x: x.reshape(b, hkv, group, -1, d).sum(axis=2)[:, :, :s_len].transpose(0, 2, 1, 3)
-  dq = dq[:, :, :t].transpose(0, 2, 1, 3)
-  return dq, fold(dk).astype(kt.dtype), fold(dv).astype(vt.dtype)
+  return dq[:, :, :t].transpose(0, 2, 1, 3), fold(dk).astype(kt.dtype), fold(dv).astype(vt.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
-def _flash(q, k, v, segment_ids, causal, scale, block_q, block_k, interpret):
-  return _forward(q, k, v, segment_ids, causal=causal, scale=scale, block_q=block_q,
-                  block_k=block_k, interpret=interpret)[0]
+class _Config:
+  """Everything static about one call: blocks, lists, mask, scale (hashable by identity of its
+  key, so jax's custom_vjp sees it as one nondiff argument)."""
+
+  def __init__(self, *, t, s, bq, bk, keep, causal, window, scale, interpret):
+    self.bq, self.bk, self.s_len, self.scale, self.interpret = bq, bk, s, scale, interpret
+    self.fwd_lists = lists_from_keep(keep)
+    self.bwd_lists = lists_from_keep(keep.T)
+    self.mask = functools.partial(_mask, bq=bq, bk=bk, causal=causal, window=window, s_len=s)
+    self.key = (t, s, bq, bk, keep.tobytes(), keep.shape, causal, window, scale, id(interpret))
+
+  def __hash__(self):
+    return hash(self.key)
+
+  def __eq__(self, other):
+    return isinstance(other, _Config) and self.key == other.key
 
 
-def _flash_fwd(q, k, v, segment_ids, causal, scale, block_q, block_k, interpret):
-  o, res = _forward(q, k, v, segment_ids, causal=causal, scale=scale, block_q=block_q,
-                    block_k=block_k, interpret=interpret)
-  return o, (res, q.shape, k.shape[1])
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _flash(q, k, v, segment_ids, cfg):
+  return _forward(q, k, v, segment_ids, cfg)[0]
 
 
-def _flash_bwd(causal, scale, block_q, block_k, interpret, saved, do):
-  res, shapes, s_len = saved
-  dq, dk, dv = _backward(res, do, causal=causal, scale=scale, s_len=s_len, interpret=interpret,
-                         shapes=shapes)
+def _flash_fwd(q, k, v, segment_ids, cfg):
+  o, res = _forward(q, k, v, segment_ids, cfg)
+  return o, (res, q.shape)
+
+
+def _flash_bwd(cfg, saved, do):
+  res, shapes = saved
+  dq, dk, dv = _backward(res, do, cfg, shapes)
   return dq, dk, dv, None
 
 
@@ -256,10 +303,25 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 def flash_attention_tpu(q, k, v, *, causal=True, segment_ids=None, sm_scale=None,
                         alibi_slopes=None, interpret=None, block_q=DEFAULT_BLOCK,
-                        block_k=DEFAULT_BLOCK):
-  """The TPU kernel; interpret=pltpu.InterpretParams() runs it on the CPU."""
+                        block_k=DEFAULT_BLOCK, window=None, block_keep=None):
+  """The TPU kernel. window: keep |t - s| < window (with causal: a sliding window);
+  block_keep: a static boolean [ceil(T/bq), ceil(S/bk)] of the key blocks each query block may
+  visit (and-ed with causality at block level). interpret=pltpu.InterpretParams() runs it on
+  the CPU."""
   if alibi_slopes is not None:
-    raise ValueError("blockwise_attention: the Pallas TPU kernel does not take alibi_slopes yet "
+    raise ValueError("the Pallas TPU attention kernel does not take alibi_slopes yet "
                      "(use impl='reference' or 'xla')")
+  t, s = q.shape[1], k.shape[1]
+  bq, bk = _block_size(t, block_q), _block_size(s, block_k)
+  nq, nk = cdiv(t, bq), cdiv(s, bk)
+  keep = block_keep_for(nq, nk, bq, bk, causal=causal, window=window)
+  if block_keep is not None:
+    block_keep = np.asarray(block_keep, bool)
+    if block_keep.shape != (nq, nk):
+      raise ValueError(f"block_keep{block_keep.shape} does not fit T={t}, S={s} with blocks "
+                       f"{bq}x{bk} (needs {(nq, nk)})")
+    keep &= block_keep
   scale = q.shape[-1] ** -0.5 if sm_scale is None else float(sm_scale)
-  return _flash(q, k, v, segment_ids, causal, scale, block_q, block_k, interpret or False)
+  cfg = _Config(t=t, s=s, bq=bq, bk=bk, keep=keep, causal=causal, window=window, scale=scale,
+                interpret=interpret or False)
+  return _flash(q, k, v, segment_ids, cfg)

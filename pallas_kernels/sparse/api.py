@@ -2,13 +2,22 @@
 from __future__ import annotations
 
 from pallas_kernels import _common
+from pallas_kernels.sparse.pallas_tpu import sparse_flash_tpu
 from pallas_kernels.sparse.patterns import BlockMask, MoBA, SlidingWindow
 from pallas_kernels.sparse.reference import sparse_blockwise, sparse_reference
 
 _NAME = "sparse_attention"
 _IMPLS = ("auto", "reference", "xla", "pallas", "interpret", "interpret_gpu")
-# impl -> backend -> kernel, as in blockwise/api.py; kernels register here as they land.
-KERNELS: dict = {}
+def _tpu_interpret(q, k, v, **kw):
+  from jax.experimental.pallas import tpu as pltpu
+  return sparse_flash_tpu(q, k, v, interpret=pltpu.InterpretParams(), **kw)
+
+
+# impl -> backend -> kernel ("any": every backend), as in blockwise/api.py.
+KERNELS: dict = {
+    "pallas": {"tpu": sparse_flash_tpu},
+    "interpret": {"any": _tpu_interpret},
+}
 
 
 def kernel_for(impl: str, backend: str | None = None):

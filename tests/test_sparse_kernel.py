@@ -1,0 +1,73 @@
+"""Sparse attention on the Pallas TPU block-list kernel, in TPU interpret mode: forward and
+gradients against the dense masked reference, and the tiles it visits."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from jax.experimental.pallas import tpu as pltpu
+
+from pallas_kernels import BlockMask, MoBA, SlidingWindow, sparse_attention
+from pallas_kernels.sparse import sparse_reference
+from pallas_kernels.sparse.pallas_tpu import sparse_flash_tpu, visited_blocks
+from tests.test_blockwise_kernel import inputs
+
+
+def check(pattern, q, k, v, seg, cot, *, causal=True, block=16):
+  interp = pltpu.InterpretParams(uninitialized_memory="nan")
+
+  def kernel(q, k, v):
+    out = sparse_flash_tpu(q, k, v, pattern=pattern, causal=causal, segment_ids=seg,
+                           interpret=interp, block=block)
+    return jnp.sum(out * cot), out
+
+  def reference(q, k, v):
+    out = sparse_reference(q, k, v, pattern=pattern, causal=causal, segment_ids=seg)
+    return jnp.sum(out * cot), out
+
+  (_, o1), g1 = jax.value_and_grad(kernel, argnums=(0, 1, 2), has_aux=True)(q, k, v)
+  (_, o2), g2 = jax.value_and_grad(reference, argnums=(0, 1, 2), has_aux=True)(q, k, v)
+  for name, got, want in zip(("out", "dq", "dk", "dv"), (o1, *g1), (o2, *g2)):
+    assert np.all(np.isfinite(got)), name
+    scale = max(float(jnp.max(jnp.abs(want))), 1.0)  # an all-zero gradient (window 1) has no scale
+    np.testing.assert_allclose(got, want, atol=1e-4 * scale, rtol=1e-4,
+                               err_msg=name)
+
+
+@settings(max_examples=5, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(t=st.integers(17, 70), window=st.sampled_from([1, 5, 16, 23, 100]),
+       causal=st.booleans(), segments=st.booleans(), seed=st.integers(0, 99))
+def test_sliding_window_windows_below_and_above_the_block(t, window, causal, segments, seed):
+  q, k, v, seg, cot = inputs(seed, 1, t, 4, 2, 64, segments)
+  check(SlidingWindow(window), q, k, v, seg, cot, causal=causal, block=16)
+
+
+@settings(max_examples=4, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(nb=st.integers(2, 5), tail=st.integers(0, 7), seed=st.integers(0, 99))
+def test_random_block_masks_with_a_ragged_tail(nb, tail, seed):
+  t = (nb - 1) * 8 + 1 + tail  # nb blocks of 8, the last one partial
+  mask = np.random.default_rng(seed).random((nb, nb)) < 0.5
+  q, k, v, seg, cot = inputs(seed, 1, t, 2, 1, 64, True)
+  check(BlockMask(8, mask), q, k, v, seg, cot)
+
+
+@pytest.mark.parametrize("pattern,t,expected", [
+    (SlidingWindow(16), 128, 8 + 7),  # the diagonal tile and the one before it
+    (SlidingWindow(1), 128, 8),  # the diagonal only
+    (SlidingWindow(1000), 128, 8 * 9 // 2),  # every causal tile
+    (BlockMask(16, np.eye(8, dtype=bool) | (np.arange(8)[None, :] == 0)), 128, 8 + 7),
+])
+def test_visited_tiles_equal_the_patterns_count(pattern, t, expected):
+  assert visited_blocks(pattern, t, block=16) == expected
+
+
+def test_through_the_api_and_moba_refused():
+  q, k, v, seg, _ = inputs(0, 1, 33, 2, 2, 64, False)
+  got = sparse_attention(q, k, v, pattern=SlidingWindow(9), impl="interpret")
+  np.testing.assert_allclose(got, sparse_reference(q, k, v, pattern=SlidingWindow(9)),
+                             atol=1e-5)
+  with pytest.raises(ValueError, match="MoBA has no Pallas kernel"):
+    sparse_attention(q, k, v, pattern=MoBA(8, 2), impl="interpret")
