@@ -89,3 +89,11 @@ def call_kernel(kernels: dict, impl: str, name: str, *args, **kwargs):
     raise ValueError(f"{name}: impl={impl!r} has no kernel for backend {backend()!r} yet "
                      "(impl='reference' and 'xla' run everywhere)")
   return kernel(*args, **kwargs)
+
+
+def tpu_interpret(kernel):
+  """The TPU kernel under TPU interpret mode (runs on any backend, the CPU included)."""
+  def run(q, k, v, **kwargs):
+    from jax.experimental.pallas import tpu as pltpu
+    return kernel(q, k, v, interpret=pltpu.InterpretParams(), **kwargs)
+  return run

@@ -11,15 +11,10 @@ from pallas_kernels.blockwise.reference import blockwise_reference, dense_attent
 _NAME = "blockwise_attention"
 
 
-def _tpu_interpret(q, k, v, **kw):
-  from jax.experimental.pallas import tpu as pltpu
-  return flash_attention_tpu(q, k, v, interpret=pltpu.InterpretParams(), **kw)
-
-
 # impl -> backend -> kernel ("any": every backend, e.g. interpret mode on the CPU).
 KERNELS: dict = {
     "pallas": {"tpu": flash_attention_tpu},
-    "interpret": {"any": _tpu_interpret},
+    "interpret": {"any": _common.tpu_interpret(flash_attention_tpu)},
 }
 
 

@@ -8,15 +8,10 @@ from pallas_kernels.sparse.reference import sparse_blockwise, sparse_reference
 
 _NAME = "sparse_attention"
 _IMPLS = ("auto", "reference", "xla", "pallas", "interpret", "interpret_gpu")
-def _tpu_interpret(q, k, v, **kw):
-  from jax.experimental.pallas import tpu as pltpu
-  return sparse_flash_tpu(q, k, v, interpret=pltpu.InterpretParams(), **kw)
-
-
 # impl -> backend -> kernel ("any": every backend), as in blockwise/api.py.
 KERNELS: dict = {
     "pallas": {"tpu": sparse_flash_tpu},
-    "interpret": {"any": _tpu_interpret},
+    "interpret": {"any": _common.tpu_interpret(sparse_flash_tpu)},
 }
 
 
