@@ -70,3 +70,13 @@ def read_scalars(logdir: str) -> dict[str, dict[int, float]]:
 @pytest.fixture
 def repo():
   return REPO
+
+
+def pytest_collection_modifyitems(config, items):
+  """Tests marked gpu / tpu run only where jax has that backend (DESIGN.md: skipped on CPU)."""
+  import jax
+  backend = jax.default_backend()
+  for item in items:
+    for mark in ("gpu", "tpu"):
+      if mark in item.keywords and backend != mark:
+        item.add_marker(pytest.mark.skip(reason=f"needs a {mark.upper()} (backend is {backend})"))

@@ -1,0 +1,47 @@
+"""Checks that need a GPU (marked gpu: skipped elsewhere; scripts/gpu_check.sh runs them)."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import blockwise_attention, linear_attention, sparse_attention, SlidingWindow
+from pallas_kernels.blockwise import dense_attention
+from tests.conftest import small_config
+
+pytestmark = pytest.mark.gpu
+
+
+def _qkv(b=2, t=1000, hq=8, hkv=2, d=128, dtype=jnp.bfloat16):
+  keys = jax.random.split(jax.random.key(0), 3)
+  return (jax.random.normal(keys[0], (b, t, hq, d), dtype),
+          jax.random.normal(keys[1], (b, t, hkv, d), dtype),
+          jax.random.normal(keys[2], (b, t, hkv, d), dtype))
+
+
+@pytest.mark.parametrize("impl", ["cudnn", "reference", "auto"])
+def test_softmax_impls_match_the_fp32_reference_on_gpu(impl):
+  q, k, v = _qkv()
+  seg = jnp.asarray(np.repeat([[1] * 600 + [2] * 400], 2, axis=0), jnp.int32)
+  want = dense_attention(*(x.astype(jnp.float32) for x in (q, k, v)), segment_ids=seg)
+  got = blockwise_attention(q, k, v, segment_ids=seg, impl=impl)
+  assert got.dtype == jnp.bfloat16
+  np.testing.assert_allclose(got.astype(jnp.float32), want, atol=3e-2)
+
+
+def test_linear_and_sparse_jnp_paths_run_on_gpu():
+  q, k, v = _qkv(t=512)
+  out = linear_attention(q, k, v, decay=-jnp.ones((8,)) * 0.05)
+  assert out.shape == q.shape and bool(jnp.all(jnp.isfinite(out.astype(jnp.float32))))
+  got = sparse_attention(q, k, v, pattern=SlidingWindow(128))
+  want = sparse_attention(q, k, v, pattern=SlidingWindow(128), impl="reference")
+  np.testing.assert_allclose(got.astype(jnp.float32), want.astype(jnp.float32), atol=3e-2)
+
+
+def test_bf16_training_on_gpu_lowers_the_loss(tmp_path):
+  from lmtrain.train import train
+  from tests.conftest import read_scalars
+  cfg = small_config(**{"model.dtype": "bfloat16", "train.steps": 30, "train.eval_every": 30,
+                        "train.checkpoint_every": 30})
+  train(cfg, str(tmp_path))
+  losses = read_scalars(str(tmp_path))["train/loss"]
+  assert np.mean([losses[s] for s in range(26, 31)]) < losses[1] - 1.0
