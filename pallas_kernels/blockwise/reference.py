@@ -25,17 +25,14 @@ def compute_dtype(dtype):
   return jnp.promote_types(dtype, jnp.float32)
 
 
-def keep_mask(q_pos, k_pos, q_seg, k_seg, *, causal: bool, window: int | None = None):
+def keep_mask(q_pos, k_pos, q_seg, k_seg, *, causal: bool):
   """Which (query, key) pairs attend: [..., Tq, Sk] booleans.
 
   q_pos [Tq], k_pos [Sk] absolute positions; q_seg [B, Tq], k_seg [B, Sk] or None.
-  window: keep only t - window < s (sliding window), with causal.
   """
   keep = jnp.ones((q_pos.shape[0], k_pos.shape[0]), bool)
   if causal:
     keep = k_pos[None, :] <= q_pos[:, None]
-  if window is not None:
-    keep = keep & (k_pos[None, :] > q_pos[:, None] - window)
   if q_seg is not None:
     keep = keep[None] & (q_seg[:, :, None] == k_seg[:, None, :])
   return keep
@@ -50,11 +47,11 @@ def alibi_bias(q_pos, k_pos, slopes_K_G, *, causal: bool):
 
 
 def dense_attention(q, k, v, *, causal=True, segment_ids=None, sm_scale=None,
-                    alibi_slopes=None, window=None, mask=None):
+                    alibi_slopes=None, mask=None):
   """Materialised softmax attention, logits and softmax in fp32 (fp64 for fp64 inputs).
 
   mask: optional extra boolean mask broadcastable to [B, Hq, T, S] (sparsity patterns), and-ed
-  with causality, the window and the segments.
+  with causality and the segments.
   """
   b, t, hq, d = q.shape
   s, hkv = k.shape[1], k.shape[2]
@@ -66,7 +63,7 @@ def dense_attention(q, k, v, *, causal=True, segment_ids=None, sm_scale=None,
   if alibi_slopes is not None:
     logits = logits + alibi_bias(q_pos, k_pos, alibi_slopes.reshape(hkv, -1).astype(ct),
                                  causal=causal)[None]
-  keep = keep_mask(q_pos, k_pos, segment_ids, segment_ids, causal=causal, window=window)
+  keep = keep_mask(q_pos, k_pos, segment_ids, segment_ids, causal=causal)
   keep = keep[:, None, None] if keep.ndim == 3 else keep[None, None, None]
   if mask is not None:
     mask = jnp.broadcast_to(mask, (mask.shape[0], hq, t, s)).reshape(mask.shape[0], hkv, -1, t, s)
@@ -94,8 +91,7 @@ def _key_blocks(x_BSKD, block_k):
   return x.reshape(b, nb, block_k, kv, d).swapaxes(0, 1)
 
 
-def _block_logits(q5, k_blk, j, seg_q, seg_k_blocks, *, s_len, block_k, causal, scale, slopes,
-                  window):
+def _block_logits(q5, k_blk, j, seg_q, seg_k_blocks, *, s_len, block_k, causal, scale, slopes):
   """Logits [B, T, K, G, bk] of all queries against key block j, and the keep mask."""
   t = q5.shape[1]
   q_pos = jnp.arange(t)
@@ -106,13 +102,13 @@ def _block_logits(q5, k_blk, j, seg_q, seg_k_blocks, *, s_len, block_k, causal, 
     bias = alibi_bias(q_pos, k_pos, slopes, causal=causal)  # [K, G, T, bk]
     logits = logits + jnp.transpose(bias, (2, 0, 1, 3))[None]
   seg_k = None if seg_q is None else seg_k_blocks[j]
-  keep = keep_mask(q_pos, k_pos, seg_q, seg_k, causal=causal, window=window)
+  keep = keep_mask(q_pos, k_pos, seg_q, seg_k, causal=causal)
   keep = keep & (k_pos < s_len)  # the zero-padded tail of the last block
   keep = keep[:, :, None, None, :] if keep.ndim == 3 else keep[None, :, None, None, :]
   return logits, keep
 
 
-def _forward(q, k, v, segment_ids, slopes, *, causal, scale, block_k, window):
+def _forward(q, k, v, segment_ids, slopes, *, causal, scale, block_k):
   b, t, hq, d = q.shape
   s, hkv = k.shape[1], k.shape[2]
   ct = compute_dtype(q.dtype)
@@ -128,8 +124,7 @@ def _forward(q, k, v, segment_ids, slopes, *, causal, scale, block_k, window):
   def step(carry, j):
     m, l, acc = carry
     logits, keep = _block_logits(q5, k_blocks[j], j, segment_ids, seg_k_blocks, s_len=s,
-                                 block_k=block_k, causal=causal, scale=scale, slopes=slopes,
-                                 window=window)
+                                 block_k=block_k, causal=causal, scale=scale, slopes=slopes)
     m_new = jnp.maximum(m, jnp.max(jnp.where(keep, logits, -jnp.inf), axis=-1))
     m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
     p = jnp.where(keep, jnp.exp(logits - m_safe[..., None]), 0.0)
@@ -144,7 +139,7 @@ def _forward(q, k, v, segment_ids, slopes, *, causal, scale, block_k, window):
   return ungroup_queries(o).astype(q.dtype), lse
 
 
-def _backward(q, k, v, segment_ids, slopes, o, lse, do, *, causal, scale, block_k, window):
+def _backward(q, k, v, segment_ids, slopes, o, lse, do, *, causal, scale, block_k):
   b, t, hq, d = q.shape
   s, hkv = k.shape[1], k.shape[2]
   ct = compute_dtype(q.dtype)
@@ -158,8 +153,7 @@ def _backward(q, k, v, segment_ids, slopes, o, lse, do, *, causal, scale, block_
 
   def step(dq, j):
     logits, keep = _block_logits(q5, k_blocks[j], j, segment_ids, seg_k_blocks, s_len=s,
-                                 block_k=block_k, causal=causal, scale=scale, slopes=slopes,
-                                 window=window)
+                                 block_k=block_k, causal=causal, scale=scale, slopes=slopes)
     p = jnp.where(keep, jnp.exp(logits - lse[..., None]), 0.0)  # [B, T, K, G, bk]
     dv = jnp.einsum("btkgs,btkgd->bskd", p, do5)
     dp = jnp.einsum("btkgd,bskd->btkgs", do5, v_blocks[j].astype(ct))
@@ -174,22 +168,20 @@ def _backward(q, k, v, segment_ids, slopes, o, lse, do, *, causal, scale, block_
           unblock(dv).astype(v.dtype))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
-def _blockwise(q, k, v, segment_ids, slopes, causal, scale, block_k, window):
-  return _forward(q, k, v, segment_ids, slopes, causal=causal, scale=scale, block_k=block_k,
-                  window=window)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _blockwise(q, k, v, segment_ids, slopes, causal, scale, block_k):
+  return _forward(q, k, v, segment_ids, slopes, causal=causal, scale=scale, block_k=block_k)[0]
 
 
-def _blockwise_fwd(q, k, v, segment_ids, slopes, causal, scale, block_k, window):
-  o, lse = _forward(q, k, v, segment_ids, slopes, causal=causal, scale=scale, block_k=block_k,
-                    window=window)
+def _blockwise_fwd(q, k, v, segment_ids, slopes, causal, scale, block_k):
+  o, lse = _forward(q, k, v, segment_ids, slopes, causal=causal, scale=scale, block_k=block_k)
   return o, (q, k, v, segment_ids, slopes, o, lse)
 
 
-def _blockwise_bwd(causal, scale, block_k, window, res, do):
+def _blockwise_bwd(causal, scale, block_k, res, do):
   q, k, v, segment_ids, slopes, o, lse = res
   dq, dk, dv = _backward(q, k, v, segment_ids, slopes, o, lse, do, causal=causal, scale=scale,
-                         block_k=block_k, window=window)
+                         block_k=block_k)
   return dq, dk, dv, None, None  # segment ids are integers; ALiBi slopes are fixed
 
 
@@ -197,7 +189,7 @@ _blockwise.defvjp(_blockwise_fwd, _blockwise_bwd)
 
 
 def blockwise_reference(q, k, v, *, causal=True, segment_ids=None, sm_scale=None,
-                        alibi_slopes=None, window=None, block_k=DEFAULT_BLOCK_K):
+                        alibi_slopes=None, block_k=DEFAULT_BLOCK_K):
   """Online-softmax attention over key blocks of `block_k`; memory O(T * block_k) per head."""
   d, hkv = q.shape[-1], k.shape[2]
   scale = d ** -0.5 if sm_scale is None else float(sm_scale)
@@ -205,4 +197,4 @@ def blockwise_reference(q, k, v, *, causal=True, segment_ids=None, sm_scale=None
   if alibi_slopes is not None:
     slopes = jax.lax.stop_gradient(alibi_slopes).reshape(hkv, -1).astype(compute_dtype(q.dtype))
   block_k = min(block_k, k.shape[1])
-  return _blockwise(q, k, v, segment_ids, slopes, causal, scale, block_k, window)
+  return _blockwise(q, k, v, segment_ids, slopes, causal, scale, block_k)
