@@ -22,6 +22,11 @@ import jax.numpy as jnp
 import numpy as np
 
 
+DEFAULT_LENGTHS = {"blockwise": "2048,8192,32768",
+                   "linear": "2048,4096,8192,16384,32768,65536",
+                   "sparse": "8192,16384,32768,65536"}
+
+
 def _time(fn, args, iters: int) -> float:
   out = fn(*args)
   jax.block_until_ready(out)
@@ -67,6 +72,81 @@ def _blockwise_impls():
   except Exception:  # not installed, or no such implementation here
     pass
   return impls
+
+
+def _linear_impls(heads: int, decay_kind: str):
+  """Ours as flash-linear-attention's simple_gla computes it (identity features, no
+  normalisation), with the decay type asked for; the XLA chunked form beside it."""
+  from pallas_kernels import linear_attention
+  from pallas_kernels.linear.api import kernel_for
+  gamma = -jnp.linspace(0.01, 0.1, heads)
+
+  def make(impl):
+    def attn(q, k, v):
+      decay = {"none": None, "constant": gamma,
+               "gates": jax.nn.log_sigmoid(q[..., 0].astype(jnp.float32)) / 16}[decay_kind]
+      return linear_attention(q * q.shape[-1] ** -0.5, k, v, feature_map="identity",
+                              normalize=False, decay=decay, chunk_size=64, impl=impl)
+    return attn
+
+  if kernel_for("pallas") is not None:
+    return {"ours (pallas)": make("pallas"), "xla chunked": make("xla")}
+  return {"ours (xla chunked)": make("xla")}
+
+
+def _run_fla(shapes, decay_kind: str, iters: int):
+  """flash-linear-attention's chunk_simple_gla (PyTorch + Triton) on the same shapes and decay
+  type, when torch with CUDA and fla are importable; [] otherwise."""
+  try:
+    import torch
+    from fla.ops.simple_gla import chunk_simple_gla
+    if not torch.cuda.is_available():
+      return []
+  except Exception:  # noqa: BLE001 - not installed here
+    return []
+  rows = []
+  for (b, t, h, hkv, d, dtype) in shapes:
+    row = {"impl": "fla chunk_simple_gla", "batch": b, "length": t, "heads": h, "kv_heads": hkv,
+           "head_dim": d, "dtype": jnp.dtype(dtype).name}
+    tdtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(row["dtype"],
+                                                                         torch.float32)
+    q, k, v, cot = (torch.randn(b, t, h, d, device="cuda", dtype=tdtype) for _ in range(4))
+    kw = {}
+    if decay_kind == "constant":
+      kw["g_gamma"] = -torch.linspace(0.01, 0.1, h, device="cuda")
+    elif decay_kind == "gates":
+      kw["g"] = torch.nn.functional.logsigmoid(q[..., 0].float()) / 16
+
+    def fwd():
+      with torch.no_grad():
+        return chunk_simple_gla(q, k, v, **kw)[0]
+
+    def fwd_bwd():
+      qq, kk, vv = (x.detach().requires_grad_() for x in (q, k, v))
+      out = chunk_simple_gla(qq, kk, vv, **kw)[0]
+      return torch.autograd.grad((out.float() * cot.float()).sum(), (qq, kk, vv))
+
+    try:
+      row["fwd_ms"] = _time_torch(fwd, iters)
+      row["fwd_bwd_ms"] = _time_torch(fwd_bwd, iters)
+      row["tokens_per_s"] = b * t / row["fwd_bwd_ms"] * 1e3
+    except Exception as e:  # noqa: BLE001 - e.g. a Triton that refuses this GPU
+      row["error"] = " ".join(str(e).split())[:160]
+    rows.append(row)
+  return rows
+
+
+def _time_torch(fn, iters: int) -> float:
+  import torch
+  fn()
+  torch.cuda.synchronize()
+  times = []
+  for _ in range(iters):
+    start = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    times.append(time.perf_counter() - start)
+  return statistics.median(times) * 1e3
 
 
 def _run(family_impls, shapes, flops_fn, iters, skip_errors=True):
@@ -129,31 +209,29 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog="python -m pallas_kernels.bench", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--family", choices=["blockwise", "linear", "sparse"], required=True)
-  parser.add_argument("--lengths", default="2048,8192,32768")
+  parser.add_argument("--lengths", default=None,
+                      help="comma-separated; default per family: " + "; ".join(
+                          f"{k} {v}" for k, v in DEFAULT_LENGTHS.items()))
   parser.add_argument("--tokens", type=int, default=32768, help="tokens per batch")
   parser.add_argument("--heads", type=int, default=16)
   parser.add_argument("--kv-heads", type=int, default=None)
   parser.add_argument("--head-dim", type=int, default=128)
   parser.add_argument("--dtype", default="bfloat16")
   parser.add_argument("--iters", type=int, default=10)
+  parser.add_argument("--decay", choices=["none", "constant", "gates"], default="constant",
+                      help="linear family: the decay type (fla runs the same one)")
   parser.add_argument("--json", default=None, help="write the rows here")
   args = parser.parse_args(argv)
   dtype = jnp.dtype(args.dtype)
   hkv = args.kv_heads or args.heads
   shapes = [(max(args.tokens // t, 1), t, args.heads, hkv, args.head_dim, dtype)
-            for t in (int(x) for x in args.lengths.split(","))]
+            for t in (int(x) for x in (args.lengths or DEFAULT_LENGTHS[args.family]).split(","))]
   if args.family == "blockwise":
     rows = _run(_blockwise_impls(), shapes, lambda b, t, h, d: 2.0 * b * h * t * t * d,
                 args.iters)
   elif args.family == "linear":
-    from pallas_kernels import linear_attention
-    from pallas_kernels.linear.api import kernel_for
-    decay = -jnp.linspace(0.01, 0.1, args.heads)
-    impls = {"ours (xla chunked)": functools.partial(linear_attention, decay=decay, impl="xla")}
-    if kernel_for("pallas") is not None:
-      impls = {"ours (pallas)": functools.partial(linear_attention, decay=decay, impl="pallas"),
-               "xla chunked": impls["ours (xla chunked)"]}
-    rows = _run(impls, shapes, lambda *a: None, args.iters)
+    rows = _run(_linear_impls(args.heads, args.decay), shapes, lambda *a: None, args.iters)
+    rows += _run_fla(shapes, args.decay, args.iters)
   else:
     from pallas_kernels import MoBA, SlidingWindow, sparse_attention
     impls = {

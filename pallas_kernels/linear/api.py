@@ -2,13 +2,17 @@
 from __future__ import annotations
 
 from pallas_kernels import _common
+from pallas_kernels.linear.pallas_tpu import linear_attention_tpu
 from pallas_kernels.linear.reference import (FEATURE_MAPS, init_state, linear_chunked,
                                              linear_step)
 
 _NAME = "linear_attention"
 _IMPLS = ("auto", "reference", "xla", "pallas", "interpret", "interpret_gpu")
-# impl -> backend -> kernel, as in blockwise/api.py; kernels register here as they land.
-KERNELS: dict = {}
+# impl -> backend -> kernel ("any": every backend), as in blockwise/api.py.
+KERNELS: dict = {
+    "pallas": {"tpu": linear_attention_tpu},
+    "interpret": {"any": _common.tpu_interpret(linear_attention_tpu)},
+}
 
 
 def kernel_for(impl: str, backend: str | None = None):
