@@ -242,8 +242,6 @@ def _validate_kind_fields(cfg, kinds) -> None:
         import jax
         _fail(f"model.attention.impl={impl!r}: pallas_kernels.{family} has no such kernel for "
               f"backend {jax.default_backend()!r} yet (needed by attention kind {kind!r})")
-      if kind == "moba":
-        _fail(f"model.attention.impl={impl!r}: MoBA has no Pallas kernel yet (use xla or auto)")
       if family != "linear" and cfg.model.position == "alibi":
         _fail(f"model.attention.impl={impl!r}: the Pallas attention kernel does not take "
               "model.position='alibi' yet")

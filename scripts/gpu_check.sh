@@ -11,9 +11,9 @@ fi
 export PYTHONPATH=$PWD:${PYTHONPATH:-}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
 python3 -c "import jax; print('jax', jax.__version__, jax.devices())"
-timeout 180 python3 -m pytest -q -m gpu tests || echo "gpu tests: exit $?"
+timeout 120 python3 -m pytest -q -m gpu tests || echo "gpu tests: exit $?"
 mkdir -p "${OUT:-/tmp}/bench"
 for family in blockwise sparse linear; do
-  timeout 150 python3 -m pallas_kernels.bench --family "$family" --lengths 2048,8192,32768 \
+  timeout 130 python3 -m pallas_kernels.bench --family "$family" --iters 5 \
     --json "${OUT:-/tmp}/bench/$family.json" || echo "bench $family: exit $?"
 done
