@@ -73,11 +73,8 @@ def lists_from_keep(keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 # ---- kernels -------------------------------------------------------------------------------------
 
-def _mask(qi, ki, q_seg, k_seg, routes=None, *, bq, bk, causal, window, s_len,
-          route_block=None):
-  """[bq, bk] keep-mask of one tile. routes [bq, P] (MoBA): each query's chosen key blocks of
-  route_block keys (-1: none); a query keeps a key tile (wholly inside one such block) if the
-  block is its own or one it chose."""
+def _mask(qi, ki, q_seg, k_seg, *, bq, bk, causal, window, s_len):
+  """[bq, bk] keep-mask of one tile."""
   q_pos = qi * bq + jax.lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
   k_pos = ki * bk + jax.lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
   keep = (k_pos < s_len) & (q_seg[:, None] == k_seg[None, :])
@@ -85,39 +82,13 @@ def _mask(qi, ki, q_seg, k_seg, routes=None, *, bq, bk, causal, window, s_len,
     keep = keep & (k_pos <= q_pos)
   if window is not None:
     keep = keep & (jnp.abs(q_pos - k_pos) < window)
-  if routes is not None:
-    k_block = (ki * bk) // route_block
-    own = (qi * bq + jax.lax.broadcasted_iota(jnp.int32, (bq, 1), 0)) // route_block
-    chosen = (own == k_block) | jnp.any(routes == k_block, axis=1, keepdims=True)  # [bq, 1]
-    keep = keep & chosen
   return keep
 
 
-def _shared_list(idx, b, h, i, j):
-  """Lists shared by every (batch, head): idx [n, n_max]."""
-  del b, h
-  return idx[i, j]
-
-
-def _per_head_list(idx, b, h, i, j):
-  """Lists per (batch, head), e.g. MoBA's routed blocks: idx [B, H, n, n_max]."""
-  return idx[b, h, i, j]
-
-
-def _count(cnt_ref, lookup, i):
-  b, h = pl.program_id(0), pl.program_id(1)
-  return cnt_ref[i] if lookup is _shared_list else cnt_ref[b, h, i]
-
-
-def _split_routes(rest, has_routes):
-  return (rest[0], rest[1:]) if has_routes else (None, rest)
-
-
-def _fwd_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, qs_ref, ks_ref, *rest, scale, mask, lookup,
-                has_routes):
-  routes_ref, (o_ref, lse_ref, m_scr, l_scr, acc_scr) = _split_routes(rest, has_routes)
+def _fwd_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, qs_ref, ks_ref, o_ref, lse_ref, m_scr,
+                l_scr, acc_scr, *, scale, mask):
   qi, j = pl.program_id(2), pl.program_id(3)
-  ki = lookup(idx_ref, pl.program_id(0), pl.program_id(1), qi, j)
+  ki = idx_ref[qi, j]
 
   @pl.when(j == 0)
   def _init():
@@ -125,10 +96,10 @@ def _fwd_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, qs_ref, ks_ref, *rest, sc
     l_scr[...] = jnp.zeros(l_scr.shape, jnp.float32)
     acc_scr[...] = jnp.zeros(acc_scr.shape, jnp.float32)
 
-  @pl.when(j < _count(cnt_ref, lookup, qi))
+  @pl.when(j < cnt_ref[qi])
   def _body():
     s = _dot(q_ref[...], k_ref[...], 1, 1) * scale  # [bq, bk]
-    keep = mask(qi, ki, qs_ref[...][:, 0], ks_ref[...][:, 0], _load(routes_ref))
+    keep = mask(qi, ki, qs_ref[...][:, 0], ks_ref[...][:, 0])
     s = jnp.where(keep, s, MASK_VALUE)
     m_prev = m_scr[...]  # [bq, 1]
     m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
@@ -146,35 +117,30 @@ def _fwd_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, qs_ref, ks_ref, *rest, sc
     lse_ref[...] = jnp.where(l == 0.0, jnp.inf, m_scr[...] + jnp.log(safe))
 
 
-def _load(ref):
-  return None if ref is None else ref[...]
-
-
-def _probs_and_dscores(q_ref, k_ref, v_ref, qs_ref, ks_ref, routes_ref, do_ref, lse_ref, delta_ref,
-                       qi, ki, *, scale, mask):
+def _probs_and_dscores(q_ref, k_ref, v_ref, qs_ref, ks_ref, do_ref, lse_ref, delta_ref, qi, ki,
+                       *, scale, mask):
   """The recomputed probabilities p [bq, bk] of a tile and the score gradients ds = p (dp -
   delta), from the saved log-sum-exp (FlashAttention-2's backward)."""
   s = _dot(q_ref[...], k_ref[...], 1, 1) * scale
-  keep = mask(qi, ki, qs_ref[...][:, 0], ks_ref[...][:, 0], _load(routes_ref))
+  keep = mask(qi, ki, qs_ref[...][:, 0], ks_ref[...][:, 0])
   p = jnp.where(keep, jnp.exp(s - lse_ref[...]), 0.0)
   dp = _dot(do_ref[...], v_ref[...], 1, 1)
   return p, p * (dp - delta_ref[...])
 
 
-def _dq_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, qs_ref, ks_ref, *rest, scale, mask, lookup,
-               has_routes):
-  routes_ref, (do_ref, lse_ref, delta_ref, dq_ref, dq_scr) = _split_routes(rest, has_routes)
+def _dq_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, qs_ref, ks_ref, do_ref, lse_ref, delta_ref,
+               dq_ref, dq_scr, *, scale, mask):
   qi, j = pl.program_id(2), pl.program_id(3)
-  ki = lookup(idx_ref, pl.program_id(0), pl.program_id(1), qi, j)
+  ki = idx_ref[qi, j]
 
   @pl.when(j == 0)
   def _init():
     dq_scr[...] = jnp.zeros(dq_scr.shape, jnp.float32)
 
-  @pl.when(j < _count(cnt_ref, lookup, qi))
+  @pl.when(j < cnt_ref[qi])
   def _body():
-    _, ds = _probs_and_dscores(q_ref, k_ref, v_ref, qs_ref, ks_ref, routes_ref, do_ref, lse_ref,
-                               delta_ref, qi, ki, scale=scale, mask=mask)
+    _, ds = _probs_and_dscores(q_ref, k_ref, v_ref, qs_ref, ks_ref, do_ref, lse_ref, delta_ref,
+                               qi, ki, scale=scale, mask=mask)
     dq_scr[...] += _dot(ds.astype(k_ref.dtype), k_ref[...]) * scale
 
   @pl.when(j == pl.num_programs(3) - 1)
@@ -182,22 +148,20 @@ def _dq_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, qs_ref, ks_ref, *rest, sca
     dq_ref[...] = dq_scr[...].astype(dq_ref.dtype)
 
 
-def _dkv_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, qs_ref, ks_ref, *rest, scale, mask, lookup,
-                has_routes):
-  routes_ref, (do_ref, lse_ref, delta_ref, dk_ref, dv_ref, dk_scr, dv_scr) = _split_routes(
-      rest, has_routes)
+def _dkv_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, qs_ref, ks_ref, do_ref, lse_ref, delta_ref,
+                dk_ref, dv_ref, dk_scr, dv_scr, *, scale, mask):
   ki, j = pl.program_id(2), pl.program_id(3)
-  qi = lookup(idx_ref, pl.program_id(0), pl.program_id(1), ki, j)
+  qi = idx_ref[ki, j]
 
   @pl.when(j == 0)
   def _init():
     dk_scr[...] = jnp.zeros(dk_scr.shape, jnp.float32)
     dv_scr[...] = jnp.zeros(dv_scr.shape, jnp.float32)
 
-  @pl.when(j < _count(cnt_ref, lookup, ki))
+  @pl.when(j < cnt_ref[ki])
   def _body():
-    p, ds = _probs_and_dscores(q_ref, k_ref, v_ref, qs_ref, ks_ref, routes_ref, do_ref, lse_ref,
-                               delta_ref, qi, ki, scale=scale, mask=mask)
+    p, ds = _probs_and_dscores(q_ref, k_ref, v_ref, qs_ref, ks_ref, do_ref, lse_ref, delta_ref,
+                               qi, ki, scale=scale, mask=mask)
     dv_scr[...] += _dot(p.astype(do_ref.dtype), do_ref[...], 0, 0)  # p^T do
     dk_scr[...] += _dot(ds.astype(q_ref.dtype), q_ref[...], 0, 0) * scale  # ds^T q
 
@@ -209,27 +173,23 @@ def _dkv_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, qs_ref, ks_ref, *rest, sc
 
 # ---- pallas_call plumbing -----------------------------------------------------------------------
 
-def _specs(bq, bk, d, group, *, kv_major: bool, lookup, num_routes: int = 0):
-  """BlockSpecs of (q, k, q segments, k segments, per-query rows, routes) for grid (b, h, outer,
-  slot) with scalar-prefetched (idx, count): outer is the query block and the list entry of
-  (outer, slot) the key block, or the reverse when kv_major (the dk/dv kernel)."""
+def _specs(bq, bk, d, group, *, kv_major: bool):
+  """BlockSpecs of (q, k, q segments, k segments, per-query rows) for grid (b, h, outer, slot)
+  with scalar-prefetched (idx, count): outer is the query block and idx[outer, slot] the key
+  block, or the reverse when kv_major (the dk/dv kernel)."""
   if kv_major:
-    qb = lambda b, h, i, j, idx: lookup(idx, b, h, i, j)
-    kb = lambda b, h, i, j, idx: i
+    qb = lambda i, j, idx: idx[i, j]
+    kb = lambda i, j, idx: i
   else:
-    qb = lambda b, h, i, j, idx: i
-    kb = lambda b, h, i, j, idx: lookup(idx, b, h, i, j)
-  q = pl.BlockSpec((None, None, bq, d),
-                   lambda b, h, i, j, idx, cnt: (b, h, qb(b, h, i, j, idx), 0))
+    qb = lambda i, j, idx: i
+    kb = lambda i, j, idx: idx[i, j]
+  q = pl.BlockSpec((None, None, bq, d), lambda b, h, i, j, idx, cnt: (b, h, qb(i, j, idx), 0))
   k = pl.BlockSpec((None, None, bk, d),
-                   lambda b, h, i, j, idx, cnt: (b, h // group, kb(b, h, i, j, idx), 0))
-  qs = pl.BlockSpec((None, bq, 1), lambda b, h, i, j, idx, cnt: (b, qb(b, h, i, j, idx), 0))
-  ks = pl.BlockSpec((None, bk, 1), lambda b, h, i, j, idx, cnt: (b, kb(b, h, i, j, idx), 0))
-  row = pl.BlockSpec((None, None, bq, 1),
-                     lambda b, h, i, j, idx, cnt: (b, h, qb(b, h, i, j, idx), 0))
-  routes = pl.BlockSpec((None, None, bq, max(num_routes, 1)),
-                        lambda b, h, i, j, idx, cnt: (b, h, qb(b, h, i, j, idx), 0))
-  return q, k, qs, ks, row, routes
+                   lambda b, h, i, j, idx, cnt: (b, h // group, kb(i, j, idx), 0))
+  qs = pl.BlockSpec((None, bq, 1), lambda b, h, i, j, idx, cnt: (b, qb(i, j, idx), 0))
+  ks = pl.BlockSpec((None, bk, 1), lambda b, h, i, j, idx, cnt: (b, kb(i, j, idx), 0))
+  row = pl.BlockSpec((None, None, bq, 1), lambda b, h, i, j, idx, cnt: (b, h, qb(i, j, idx), 0))
+  return q, k, qs, ks, row
 
 
 def _call(kernel, grid, lists, in_specs, out_specs, out_shape, scratch, interpret, name, *args):
@@ -258,59 +218,52 @@ def _prepare(q, k, v, segment_ids, bq, bk):
   return to_bhtd(q, tp), to_bhtd(k, sp), to_bhtd(v, sp), q_seg, k_seg
 
 
-def _kernel_kw(cfg):
-  return dict(scale=cfg.scale, mask=cfg.mask, lookup=cfg.lookup, has_routes=cfg.num_routes > 0)
-
-
 def _forward(q, k, v, segment_ids, lists, cfg):
   b, t, hq, d = q.shape
-  fwd_lists, _, routes = lists
+  fwd_lists, _ = lists
   qt, kt, vt, q_seg, k_seg = _prepare(q, k, v, segment_ids, cfg.bq, cfg.bk)
   group = hq // k.shape[2]
   nq = qt.shape[2] // cfg.bq
-  qspec, kspec, qsspec, ksspec, row, rspec = _specs(cfg.bq, cfg.bk, d, group, kv_major=False,
-                                                    lookup=cfg.lookup,
-                                                    num_routes=cfg.num_routes)
-  extra, extra_specs = ((routes,), [rspec]) if cfg.num_routes else ((), [])
+  qspec, kspec, qsspec, ksspec, row = _specs(cfg.bq, cfg.bk, d, group, kv_major=False)
   o, lse = _call(
-      functools.partial(_fwd_kernel, **_kernel_kw(cfg)),
-      (b, hq, nq, fwd_lists[0].shape[-1]), fwd_lists,
-      [qspec, kspec, kspec, qsspec, ksspec] + extra_specs, [qspec, row],
+      functools.partial(_fwd_kernel, scale=cfg.scale, mask=cfg.mask),
+      (b, hq, nq, fwd_lists[0].shape[1]), fwd_lists,
+      [qspec, kspec, kspec, qsspec, ksspec], [qspec, row],
       [jax.ShapeDtypeStruct(qt.shape, q.dtype),
        jax.ShapeDtypeStruct(qt.shape[:3] + (1,), jnp.float32)],
       [pltpu.VMEM((cfg.bq, 1), jnp.float32), pltpu.VMEM((cfg.bq, 1), jnp.float32),
        pltpu.VMEM((cfg.bq, d), jnp.float32)],
-      cfg.interpret, "lmtrain_flash_fwd", qt, kt, vt, q_seg, k_seg, *extra)
-  return o[:, :, :t].transpose(0, 2, 1, 3), (qt, kt, vt, q_seg, k_seg, o, lse)
+      cfg.interpret, "lmtrain_flash_fwd", qt, kt, vt, q_seg, k_seg)
+  outs = (o[:, :, :t].transpose(0, 2, 1, 3), lse[:, :, :t, 0])
+  return outs, (qt, kt, vt, q_seg, k_seg, o, lse)
 
 
-def _backward(res, lists, do, cfg, shapes):
+def _backward(res, lists, cotangents, cfg, shapes):
+  """cotangents: of the output [B, T, Hq, D] and of the log-sum-exp [B, Hq, T]; the latter
+  enters as -dlse in delta (d lse / d s = p)."""
   qt, kt, vt, q_seg, k_seg, o, lse = res
-  fwd_lists, bwd_lists, routes = lists
+  do, dlse = cotangents
+  fwd_lists, bwd_lists = lists
   b, t, hq, d = shapes
   hkv = kt.shape[1]
   group = hq // hkv
-  do_t = jnp.pad(do, ((0, 0), (0, qt.shape[2] - t), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
+  tp = qt.shape[2]
+  do_t = jnp.pad(do, ((0, 0), (0, tp - t), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
   delta = jnp.sum(do_t.astype(jnp.float32) * o.astype(jnp.float32), axis=-1, keepdims=True)
-  nq, nk = qt.shape[2] // cfg.bq, kt.shape[2] // cfg.bk
-  kw = _kernel_kw(cfg)
-  extra = (routes,) if cfg.num_routes else ()
-  args = (qt, kt, vt, q_seg, k_seg) + extra + (do_t, lse, delta)
-  specs = lambda kv_major: _specs(cfg.bq, cfg.bk, d, group, kv_major=kv_major, lookup=cfg.lookup,
-                                  num_routes=cfg.num_routes)
-  qspec, kspec, qsspec, ksspec, row, rspec = specs(False)
-  extra_specs = [rspec] if cfg.num_routes else []
-  dq = _call(functools.partial(_dq_kernel, **kw), (b, hq, nq, fwd_lists[0].shape[-1]),
-             fwd_lists, [qspec, kspec, kspec, qsspec, ksspec] + extra_specs + [qspec, row, row],
-             qspec, jax.ShapeDtypeStruct(qt.shape, qt.dtype),
-             [pltpu.VMEM((cfg.bq, d), jnp.float32)], cfg.interpret, "lmtrain_flash_dq", *args)
-  qspec, kspec, qsspec, ksspec, row, rspec = specs(True)
-  extra_specs = [rspec] if cfg.num_routes else []
+  delta = delta - jnp.pad(dlse.astype(jnp.float32), ((0, 0), (0, 0), (0, tp - t)))[..., None]
+  nq, nk = tp // cfg.bq, kt.shape[2] // cfg.bk
+  kw = dict(scale=cfg.scale, mask=cfg.mask)
+  args = (qt, kt, vt, q_seg, k_seg, do_t, lse, delta)
+  qspec, kspec, qsspec, ksspec, row = _specs(cfg.bq, cfg.bk, d, group, kv_major=False)
+  dq = _call(functools.partial(_dq_kernel, **kw), (b, hq, nq, fwd_lists[0].shape[1]),
+             fwd_lists, [qspec, kspec, kspec, qsspec, ksspec, qspec, row, row], qspec,
+             jax.ShapeDtypeStruct(qt.shape, qt.dtype), [pltpu.VMEM((cfg.bq, d), jnp.float32)],
+             cfg.interpret, "lmtrain_flash_dq", *args)
+  qspec, kspec, qsspec, ksspec, row = _specs(cfg.bq, cfg.bk, d, group, kv_major=True)
   # dk and dv per query head over the transposed lists, summed over each group below.
   dkv_spec = pl.BlockSpec((None, None, cfg.bk, d), lambda b_, h, i, j, idx, cnt: (b_, h, i, 0))
-  dk, dv = _call(functools.partial(_dkv_kernel, **kw), (b, hq, nk, bwd_lists[0].shape[-1]),
-                 bwd_lists,
-                 [qspec, kspec, kspec, qsspec, ksspec] + extra_specs + [qspec, row, row],
+  dk, dv = _call(functools.partial(_dkv_kernel, **kw), (b, hq, nk, bwd_lists[0].shape[1]),
+                 bwd_lists, [qspec, kspec, kspec, qsspec, ksspec, qspec, row, row],
                  [dkv_spec, dkv_spec],
                  [jax.ShapeDtypeStruct((b, hq, kt.shape[2], d), jnp.float32)] * 2,
                  [pltpu.VMEM((cfg.bk, d), jnp.float32), pltpu.VMEM((cfg.bk, d), jnp.float32)],
@@ -321,19 +274,13 @@ def _backward(res, lists, do, cfg, shapes):
 
 
 class _Config:
-  """Everything static about one call: blocks, mask, scale, how lists are indexed (hashable by
-  its key, so jax's custom_vjp sees it as one nondiff argument). The lists themselves are
-  arguments: static ones are constants, MoBA's are computed from the routing."""
+  """Everything static about one call: blocks, mask, scale (hashable by its key, so jax's
+  custom_vjp sees it as one nondiff argument). The block lists travel as arguments."""
 
-  def __init__(self, *, t, s, bq, bk, causal, window, scale, interpret, key, per_head=False,
-               num_routes=0, route_block=None):
+  def __init__(self, *, t, s, bq, bk, causal, window, scale, interpret, key):
     self.bq, self.bk, self.s_len, self.scale, self.interpret = bq, bk, s, scale, interpret
-    self.num_routes = num_routes
-    self.lookup = _per_head_list if per_head else _shared_list
-    self.mask = functools.partial(_mask, bq=bq, bk=bk, causal=causal, window=window, s_len=s,
-                                  route_block=route_block)
-    self.key = (t, s, bq, bk, causal, window, scale, id(interpret), per_head, num_routes,
-                route_block, key)
+    self.mask = functools.partial(_mask, bq=bq, bk=bk, causal=causal, window=window, s_len=s)
+    self.key = (t, s, bq, bk, causal, window, scale, id(interpret), key)
 
   def __hash__(self):
     return hash(self.key)
@@ -344,17 +291,18 @@ class _Config:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def _flash(q, k, v, segment_ids, lists, cfg):
+  """(out [B, T, Hq, D], lse [B, Hq, T] fp32; +inf where a query sees no key)."""
   return _forward(q, k, v, segment_ids, lists, cfg)[0]
 
 
 def _flash_fwd(q, k, v, segment_ids, lists, cfg):
-  o, res = _forward(q, k, v, segment_ids, lists, cfg)
-  return o, (res, lists, q.shape)
+  outs, res = _forward(q, k, v, segment_ids, lists, cfg)
+  return outs, (res, lists, q.shape)
 
 
-def _flash_bwd(cfg, saved, do):
+def _flash_bwd(cfg, saved, cotangents):
   res, lists, shapes = saved
-  dq, dk, dv = _backward(res, lists, do, cfg, shapes)
+  dq, dk, dv = _backward(res, lists, cotangents, cfg, shapes)
   no_grad = jax.tree.map(lambda _: None, lists)
   return dq, dk, dv, None, no_grad
 
@@ -363,8 +311,9 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
 def _static_lists(keep):
+  """(forward lists, transposed lists for dk/dv) of a static [nq, nk] keep, as arrays."""
   return (tuple(map(jnp.asarray, lists_from_keep(keep))),
-          tuple(map(jnp.asarray, lists_from_keep(keep.T))), None)
+          tuple(map(jnp.asarray, lists_from_keep(keep.T))))
 
 
 def flash_attention_tpu(q, k, v, *, causal=True, segment_ids=None, sm_scale=None,
@@ -390,4 +339,4 @@ def flash_attention_tpu(q, k, v, *, causal=True, segment_ids=None, sm_scale=None
   scale = q.shape[-1] ** -0.5 if sm_scale is None else float(sm_scale)
   cfg = _Config(t=t, s=s, bq=bq, bk=bk, causal=causal, window=window, scale=scale,
                 interpret=interpret or False, key=(keep.tobytes(), keep.shape))
-  return _flash(q, k, v, segment_ids, _static_lists(keep), cfg)
+  return _flash(q, k, v, segment_ids, _static_lists(keep), cfg)[0]
