@@ -1,0 +1,410 @@
+"""Flash attention forward as a Pallas Mosaic GPU (Hopper) kernel.
+
+One CTA (one warpgroup) per (query block, query head, batch): the query tile is copied to shared
+memory by TMA once; key/value tiles stream through a software pipeline (plgpu.emit_pipeline,
+two stages in flight); S = Q K^T and O += P V run on the tensor cores (wgmma) with fp32
+accumulation; the running max and sum stay in registers (online softmax). Causal attention
+stops the pipeline at the diagonal, so masked tiles are neither loaded nor computed. GQA: the
+key/value head of query head h is h // (Hq // Hkv), read in place. Segment ids and the padded
+tail are masked by position inside each tile.
+
+Layout: [B, T, H, D] as the API takes it (TMA reads the strided head slices); T is padded to the
+tile. Returns (out, lse [B, H, T]).
+
+Status: validated in Mosaic GPU interpret mode on the CPU and by lowering for CUDA (jax.export);
+not yet run on a GPU, so not registered as impl="pallas" for GPUs until it has been measured
+there (see docs/benchmarks.md).
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels._common import cdiv
+
+MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+LOG2E = math.log2(math.e)
+DTYPES = (jnp.bfloat16, jnp.float16)
+
+
+def _smem_transforms(dtype):
+  swizzle = 128
+  return (plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)),
+          plgpu.SwizzleTransform(swizzle))
+
+
+def _forward(q, k, v, q_seg, k_seg, *, causal, scale, s_len, bq, bk, stages, interpret,
+             p_in_smem):
+  b, tp, hq, d = q.shape
+  sp, hkv = k.shape[1], k.shape[2]
+  group = hq // hkv
+  dtype = q.dtype
+  nk = sp // bk
+  wg = plgpu.Layout.WGMMA
+  transforms = _smem_transforms(dtype)
+
+  def kernel(q_gmem, k_gmem, v_gmem, qseg_gmem, kseg_gmem, o_gmem, lse_gmem, q_smem, lse_smem,
+             barrier, p_smem=None):
+    qi, h, bi = (jax.lax.axis_index(n) for n in ("q", "h", "b"))
+    kvh = h // group
+    q0 = qi * bq
+    plgpu.copy_gmem_to_smem(q_gmem.at[bi, pl.ds(q0, bq), h], q_smem, barrier)
+    plgpu.barrier_wait(barrier)
+    q_seg_rows = plgpu.load(qseg_gmem.at[bi, pl.ds(q0, bq)], layout=wg.reduce(1),
+                            optimized=False)
+
+    def body(idx, k_smem, v_smem, carry):
+      acc, m_i, l_i = carry
+      ki = idx[0]
+
+      def qk(acc_ref):
+        plgpu.wgmma(acc_ref, q_smem, k_smem.T)
+        return acc_ref[...]
+
+      s = pl.run_scoped(qk, plgpu.ACC((bq, bk), jnp.float32)) * (scale * LOG2E)
+      q_pos = q0 + plgpu.broadcasted_iota(jnp.int32, (bq, bk), 0, layout=wg)
+      k_pos = ki * bk + plgpu.broadcasted_iota(jnp.int32, (bq, bk), 1, layout=wg)
+      k_seg_cols = plgpu.load(kseg_gmem.at[bi, pl.ds(ki * bk, bk)], layout=wg.reduce(0),
+                              optimized=False)
+      keep = ((k_pos < s_len)
+              & (jax.lax.broadcast_in_dim(q_seg_rows, (bq, bk), [0])
+                 == jax.lax.broadcast_in_dim(k_seg_cols, (bq, bk), [1])))
+      if causal:
+        keep = keep & (k_pos <= q_pos)
+      s = jnp.where(keep, s, MASK_VALUE)
+      m_new = jnp.maximum(m_i, s.max(axis=1))
+      alpha = jnp.exp2(m_i - m_new)
+      p = jnp.where(keep, jnp.exp2(s - jax.lax.broadcast_in_dim(m_new, (bq, bk), [0])), 0.0)
+      l_i = l_i * alpha + p.sum(axis=1)
+
+      if p_smem is None:  # P from registers, as FlashAttention-3 does
+        p_lhs = p.astype(dtype)
+      else:  # P through shared memory (Mosaic GPU interpret mode takes wgmma operands there)
+        p_smem[...] = p.astype(dtype)
+        plgpu.commit_smem()
+        p_lhs = p_smem
+
+      def pv(acc_ref):  # a fresh accumulator (interpret mode cannot seed one from registers)
+        plgpu.wgmma(acc_ref, p_lhs, v_smem)
+        return acc_ref[...]
+
+      acc = (acc * jax.lax.broadcast_in_dim(alpha, (bq, d), [0])
+             + pl.run_scoped(pv, plgpu.ACC((bq, d), jnp.float32)))
+      return acc, m_new, l_i
+
+    if causal:
+      kv_steps = jnp.minimum(cdiv(q0 + bq, bk), nk)
+    else:
+      kv_steps = nk
+    spec = plgpu.BlockSpec((bk, d), lambda ki: (ki, 0), transforms=transforms)
+    init = (plgpu.layout_cast(jnp.zeros((bq, d), jnp.float32), wg),
+            plgpu.layout_cast(jnp.full((bq,), MASK_VALUE, jnp.float32), wg.reduce(1)),
+            plgpu.layout_cast(jnp.zeros((bq,), jnp.float32), wg.reduce(1)))
+    acc, m_i, l_i = plgpu.emit_pipeline(
+        body, grid=(kv_steps,), in_specs=[spec, spec], max_concurrent_steps=stages,
+        init_carry=init)(k_gmem.at[bi, :, kvh], v_gmem.at[bi, :, kvh])
+
+    empty = l_i == 0.0
+    safe_l = jnp.where(empty, 1.0, l_i)
+    q_smem[...] = (acc / jax.lax.broadcast_in_dim(safe_l, (bq, d), [0])).astype(dtype)
+    # lse in natural log; rows with no key get +inf (the backward's exp(s - lse) is then 0).
+    lse_smem[...] = jnp.where(empty, jnp.inf, (m_i + jnp.log2(safe_l)) / LOG2E)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(q_smem, o_gmem.at[bi, pl.ds(q0, bq), h])
+    plgpu.copy_smem_to_gmem(lse_smem, lse_gmem.at[bi, h, pl.ds(q0, bq)])
+    plgpu.wait_smem_to_gmem(0)
+
+  call = plgpu.kernel(
+      kernel,
+      out_type=(jax.ShapeDtypeStruct((b, tp, hq, d), dtype),
+                jax.ShapeDtypeStruct((b, hq, tp), jnp.float32)),
+      grid=(tp // bq, hq, b), grid_names=("q", "h", "b"),
+      scratch_types=(plgpu.SMEM((bq, d), dtype, transforms=transforms),
+                     plgpu.SMEM((bq,), jnp.float32),
+                     plgpu.Barrier())
+      + ((plgpu.SMEM((bq, bk), dtype, transforms=_smem_transforms(dtype)),) if p_in_smem else ()),
+      interpret=interpret or False)
+  return call(q, k, v, q_seg, k_seg)
+
+
+def _matmul(lhs, rhs_smem, shape, staging, dtype):
+  """lhs [M, K] (registers) @ rhs [K, N] (shared memory) on the tensor cores, fp32 [M, N]. With
+  a staging buffer the lhs goes through shared memory (interpret mode needs it there)."""
+  if staging is not None:
+    staging[...] = lhs.astype(dtype)
+    plgpu.commit_smem()
+    lhs = staging
+  else:
+    lhs = lhs.astype(dtype)
+
+  def run(acc_ref):
+    plgpu.wgmma(acc_ref, lhs, rhs_smem)
+    return acc_ref[...]
+
+  return pl.run_scoped(run, plgpu.ACC(shape, jnp.float32))
+
+
+def _smem_product(a_smem, b_smem_t, shape):
+  """a [M, K] @ b^T for two shared-memory tiles (b given as [N, K]): fp32 [M, N]."""
+  def run(acc_ref):
+    plgpu.wgmma(acc_ref, a_smem, b_smem_t.T)
+    return acc_ref[...]
+  return pl.run_scoped(run, plgpu.ACC(shape, jnp.float32))
+
+
+def _dq(q, k, v, do, lse, delta, q_seg, k_seg, *, causal, scale, s_len, bq, bk, stages,
+        interpret, stage_in_smem):
+  b, tp, hq, d = q.shape
+  sp, hkv = k.shape[1], k.shape[2]
+  group = hq // hkv
+  dtype = q.dtype
+  nk = sp // bk
+  wg = plgpu.Layout.WGMMA
+  transforms = _smem_transforms(dtype)
+
+  def kernel(q_gmem, k_gmem, v_gmem, do_gmem, lse_gmem, delta_gmem, qseg_gmem, kseg_gmem,
+             dq_gmem, q_smem, do_smem, barrier, ds_smem=None):
+    qi, h, bi = (jax.lax.axis_index(n) for n in ("q", "h", "b"))
+    kvh = h // group
+    q0 = qi * bq
+    plgpu.copy_gmem_to_smem(q_gmem.at[bi, pl.ds(q0, bq), h], q_smem, barrier)
+    plgpu.barrier_wait(barrier)
+    plgpu.copy_gmem_to_smem(do_gmem.at[bi, pl.ds(q0, bq), h], do_smem, barrier)
+    plgpu.barrier_wait(barrier)
+    rows = lambda ref: plgpu.load(ref.at[bi, h, pl.ds(q0, bq)], layout=wg.reduce(1),
+                                  optimized=False)
+    lse_rows, delta_rows = rows(lse_gmem), rows(delta_gmem)
+    q_seg_rows = plgpu.load(qseg_gmem.at[bi, pl.ds(q0, bq)], layout=wg.reduce(1),
+                            optimized=False)
+
+    def body(idx, k_smem, v_smem, acc):
+      ki = idx[0]
+      s = _smem_product(q_smem, k_smem, (bq, bk)) * scale
+      q_pos = q0 + plgpu.broadcasted_iota(jnp.int32, (bq, bk), 0, layout=wg)
+      k_pos = ki * bk + plgpu.broadcasted_iota(jnp.int32, (bq, bk), 1, layout=wg)
+      k_seg_cols = plgpu.load(kseg_gmem.at[bi, pl.ds(ki * bk, bk)], layout=wg.reduce(0),
+                              optimized=False)
+      keep = ((k_pos < s_len)
+              & (jax.lax.broadcast_in_dim(q_seg_rows, (bq, bk), [0])
+                 == jax.lax.broadcast_in_dim(k_seg_cols, (bq, bk), [1])))
+      if causal:
+        keep = keep & (k_pos <= q_pos)
+      p = jnp.where(keep, jnp.exp(s - jax.lax.broadcast_in_dim(lse_rows, (bq, bk), [0])), 0.0)
+      dp = _smem_product(do_smem, v_smem, (bq, bk))
+      ds = p * (dp - jax.lax.broadcast_in_dim(delta_rows, (bq, bk), [0]))
+      return acc + _matmul(ds, k_smem, (bq, d), ds_smem, dtype)
+
+    kv_steps = jnp.minimum(cdiv(q0 + bq, bk), nk) if causal else nk
+    spec = plgpu.BlockSpec((bk, d), lambda ki: (ki, 0), transforms=transforms)
+    acc = plgpu.emit_pipeline(
+        body, grid=(kv_steps,), in_specs=[spec, spec], max_concurrent_steps=stages,
+        init_carry=plgpu.layout_cast(jnp.zeros((bq, d), jnp.float32), wg))(
+            k_gmem.at[bi, :, kvh], v_gmem.at[bi, :, kvh])
+    q_smem[...] = (acc * scale).astype(dtype)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(q_smem, dq_gmem.at[bi, pl.ds(q0, bq), h])
+    plgpu.wait_smem_to_gmem(0)
+
+  scratch = (plgpu.SMEM((bq, d), dtype, transforms=transforms),
+             plgpu.SMEM((bq, d), dtype, transforms=transforms), plgpu.Barrier())
+  if stage_in_smem:
+    scratch += (plgpu.SMEM((bq, bk), dtype, transforms=transforms),)
+  return plgpu.kernel(kernel, out_type=jax.ShapeDtypeStruct(q.shape, dtype),
+                      grid=(tp // bq, hq, b), grid_names=("q", "h", "b"),
+                      scratch_types=scratch, interpret=interpret or False)(
+                          q, k, v, do, lse, delta, q_seg, k_seg)
+
+
+def _dkv(q, k, v, do, lse, delta, q_seg, k_seg, *, causal, scale, s_len, bq, bk, stages,
+         interpret, stage_in_smem):
+  """dk, dv per query head (fp32 [B, S, Hq, D]); the caller sums each group."""
+  b, tp, hq, d = q.shape
+  sp, hkv = k.shape[1], k.shape[2]
+  group = hq // hkv
+  dtype = q.dtype
+  nq = tp // bq
+  wg = plgpu.Layout.WGMMA
+  transforms = _smem_transforms(dtype)
+
+  def kernel(q_gmem, k_gmem, v_gmem, do_gmem, lse_gmem, delta_gmem, qseg_gmem, kseg_gmem,
+             dk_gmem, dv_gmem, k_smem, v_smem, out_smem, barrier, stage_smem=None):
+    ki, h, bi = (jax.lax.axis_index(n) for n in ("k", "h", "b"))
+    kvh = h // group
+    k0 = ki * bk
+    plgpu.copy_gmem_to_smem(k_gmem.at[bi, pl.ds(k0, bk), kvh], k_smem, barrier)
+    plgpu.barrier_wait(barrier)
+    plgpu.copy_gmem_to_smem(v_gmem.at[bi, pl.ds(k0, bk), kvh], v_smem, barrier)
+    plgpu.barrier_wait(barrier)
+    k_seg_rows = plgpu.load(kseg_gmem.at[bi, pl.ds(k0, bk)], layout=wg.reduce(1),
+                            optimized=False)
+    q_first = (k0 // bq) if causal else 0
+
+    def body(idx, q_smem, do_smem, carry):
+      dk, dv = carry
+      qi = idx[0] + q_first
+      cols = lambda ref: jax.lax.broadcast_in_dim(
+          plgpu.load(ref.at[bi, h, pl.ds(qi * bq, bq)], layout=wg.reduce(0), optimized=False),
+          (bk, bq), [1])
+      s_t = _smem_product(k_smem, q_smem, (bk, bq)) * scale  # [keys, queries]
+      k_pos = k0 + plgpu.broadcasted_iota(jnp.int32, (bk, bq), 0, layout=wg)
+      q_pos = qi * bq + plgpu.broadcasted_iota(jnp.int32, (bk, bq), 1, layout=wg)
+      q_seg_cols = plgpu.load(qseg_gmem.at[bi, pl.ds(qi * bq, bq)], layout=wg.reduce(0),
+                              optimized=False)
+      keep = ((k_pos < s_len)
+              & (jax.lax.broadcast_in_dim(k_seg_rows, (bk, bq), [0])
+                 == jax.lax.broadcast_in_dim(q_seg_cols, (bk, bq), [1])))
+      if causal:
+        keep = keep & (k_pos <= q_pos)
+      p_t = jnp.where(keep, jnp.exp(s_t - cols(lse_gmem)), 0.0)
+      dp_t = _smem_product(v_smem, do_smem, (bk, bq))
+      ds_t = p_t * (dp_t - cols(delta_gmem))
+      dv = dv + _matmul(p_t, do_smem, (bk, d), stage_smem, dtype)
+      dk = dk + _matmul(ds_t, q_smem, (bk, d), stage_smem, dtype)
+      return dk, dv
+
+    spec = plgpu.BlockSpec((bq, d), lambda j: (j + q_first, 0), transforms=transforms)
+    zeros = plgpu.layout_cast(jnp.zeros((bk, d), jnp.float32), wg)
+    dk, dv = plgpu.emit_pipeline(
+        body, grid=(nq - q_first,), in_specs=[spec, spec], max_concurrent_steps=stages,
+        init_carry=(zeros, zeros))(q_gmem.at[bi, :, h], do_gmem.at[bi, :, h])
+    for value, out in ((dk * scale, dk_gmem), (dv, dv_gmem)):
+      out_smem[...] = value
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(out_smem, out.at[bi, pl.ds(k0, bk), h])
+      plgpu.wait_smem_to_gmem(0)
+
+  scratch = (plgpu.SMEM((bk, d), dtype, transforms=transforms),
+             plgpu.SMEM((bk, d), dtype, transforms=transforms),
+             plgpu.SMEM((bk, d), jnp.float32, transforms=_smem_transforms(jnp.float32)),
+             plgpu.Barrier())
+  if stage_in_smem:
+    scratch += (plgpu.SMEM((bk, bq), dtype, transforms=transforms),)
+  out = jax.ShapeDtypeStruct((b, sp, hq, d), jnp.float32)
+  return plgpu.kernel(kernel, out_type=(out, out), grid=(sp // bk, hq, b),
+                      grid_names=("k", "h", "b"), scratch_types=scratch,
+                      interpret=interpret or False)(q, k, v, do, lse, delta, q_seg, k_seg)
+
+
+class _Config:
+  def __init__(self, **kw):
+    self.kw = kw
+    self.key = tuple(sorted((k, id(v) if k == "interpret" else v) for k, v in kw.items()))
+
+  def __hash__(self):
+    return hash(self.key)
+
+  def __eq__(self, other):
+    return isinstance(other, _Config) and self.key == other.key
+
+
+def _pad_inputs(q, k, v, segment_ids, bq, bk):
+  b, t = q.shape[:2]
+  s = k.shape[1]
+  tp, sp = cdiv(t, bq) * bq, cdiv(s, bk) * bk
+  pad = lambda x, n: jnp.pad(x, ((0, 0), (0, n - x.shape[1]), (0, 0), (0, 0)))
+  seg_q = jnp.zeros((b, t), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
+  seg_k = jnp.zeros((b, s), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
+  q_seg = jnp.pad(seg_q, ((0, 0), (0, tp - t)), constant_values=-1)
+  k_seg = jnp.pad(seg_k, ((0, 0), (0, sp - s)), constant_values=-2)
+  return pad(q, tp), pad(k, sp), pad(v, sp), q_seg, k_seg
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _flash_gpu(q, k, v, segment_ids, cfg):
+  return _flash_gpu_fwd(q, k, v, segment_ids, cfg)[0]
+
+
+def _flash_gpu_fwd(q, k, v, segment_ids, cfg):
+  kw = cfg.kw
+  t = q.shape[1]
+  qp, kp, vp, q_seg, k_seg = _pad_inputs(q, k, v, segment_ids, kw["bq"], kw["bk"])
+  o, lse = _forward(qp, kp, vp, q_seg, k_seg, causal=kw["causal"], scale=kw["scale"],
+                    s_len=k.shape[1], bq=kw["bq"], bk=kw["bk"], stages=kw["stages"],
+                    interpret=kw["interpret"], p_in_smem=kw["stage_in_smem"])
+  return (o[:, :t], lse[:, :, :t]), (qp, kp, vp, q_seg, k_seg, o, lse, t)
+
+
+def _flash_gpu_bwd(cfg, res, cotangents):
+  kw = cfg.kw
+  qp, kp, vp, q_seg, k_seg, o, lse, t = res
+  do, dlse = cotangents
+  b, tp, hq, d = qp.shape
+  s, hkv = kw["s_len"], kp.shape[2]
+  do_p = jnp.pad(do, ((0, 0), (0, tp - t), (0, 0), (0, 0))).astype(qp.dtype)
+  delta = jnp.einsum("bthd,bthd->bht", do_p.astype(jnp.float32), o.astype(jnp.float32))
+  delta = delta - jnp.pad(dlse.astype(jnp.float32), ((0, 0), (0, 0), (0, tp - t)))
+  common = dict(causal=kw["causal"], scale=kw["scale"], s_len=s, bq=kw["bq"], bk=kw["bk"],
+                stages=kw["stages"], interpret=kw["interpret"],
+                stage_in_smem=kw["stage_in_smem"])
+  args = (qp, kp, vp, do_p, lse, delta, q_seg, k_seg)
+  dq = _dq(*args, **common)
+  dk, dv = _dkv(*args, **common)
+  fold = lambda x: x.reshape(b, -1, hkv, hq // hkv, d).sum(axis=3)[:, :s].astype(kp.dtype)
+  return dq[:, :t], fold(dk), fold(dv), None
+
+
+_flash_gpu.defvjp(_flash_gpu_fwd, _flash_gpu_bwd)
+
+
+def _check(q, k, v, block_q, block_k):
+  if q.dtype not in DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+    raise ValueError(f"the Mosaic GPU attention kernel takes bfloat16/float16 q, k, v; got "
+                     f"{q.dtype}, {k.dtype}, {v.dtype}")
+  d = q.shape[-1]
+  if d % 64 or d > 256:
+    raise ValueError(f"the Mosaic GPU attention kernel takes head dims 64, 128, 192 or 256; "
+                     f"got {d}")
+  if block_q % 64 or block_k % 64:
+    raise ValueError(f"block_q={block_q} and block_k={block_k} must be multiples of 64 (wgmma)")
+
+
+def flash_attention_gpu(q, k, v, *, causal=True, segment_ids=None, sm_scale=None,
+                        alibi_slopes=None, block_q=64, block_k=64, stages=2, interpret=None,
+                        stage_in_smem=None):
+  """Softmax attention on the Mosaic GPU kernels, forward and backward (custom_vjp).
+  q [B, T, Hq, D], k/v [B, S, Hkv, D] in bf16/fp16, D in 64..256 (a multiple of 64).
+  interpret=plgpu.InterpretGPUParams() runs it on the CPU; stage_in_smem (default: only when
+  interpreting) feeds register operands of wgmma through shared memory."""
+  if alibi_slopes is not None:
+    raise ValueError("the Mosaic GPU attention kernel does not take alibi_slopes yet "
+                     "(use impl='reference' or 'xla')")
+  _check(q, k, v, block_q, block_k)
+  d = q.shape[-1]
+  cfg = _Config(causal=causal, scale=d ** -0.5 if sm_scale is None else float(sm_scale),
+                s_len=k.shape[1], bq=block_q, bk=block_k, stages=stages, interpret=interpret,
+                stage_in_smem=bool(interpret) if stage_in_smem is None else stage_in_smem)
+  return _flash_gpu(q, k, v, segment_ids, cfg)[0]
+
+
+def flash_attention_gpu_forward(q, k, v, *, causal=True, segment_ids=None, sm_scale=None,
+                                block_q=64, block_k=64, stages=2, interpret=None,
+                                p_in_smem=None):
+  """(out [B, T, Hq, D], lse [B, Hq, T]) of softmax attention; bf16/fp16 inputs, D a multiple
+  of 64. interpret=plgpu.InterpretGPUParams() runs it on the CPU. p_in_smem: feed P to the
+  second matmul through shared memory (default: only in interpret mode)."""
+  if q.dtype not in DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+    raise ValueError(f"the Mosaic GPU attention kernel takes bfloat16/float16 q, k, v; got "
+                     f"{q.dtype}, {k.dtype}, {v.dtype}")
+  d = q.shape[-1]
+  if d % 64 or d > 256:
+    raise ValueError(f"the Mosaic GPU attention kernel takes head dims 64, 128, 192 or 256; got {d}")
+  if block_q % 64 or block_k % 64:
+    raise ValueError(f"block_q={block_q} and block_k={block_k} must be multiples of 64 (wgmma)")
+  b, t = q.shape[:2]
+  s = k.shape[1]
+  tp, sp = cdiv(t, block_q) * block_q, cdiv(s, block_k) * block_k
+  pad = lambda x, n: jnp.pad(x, ((0, 0), (0, n - x.shape[1]), (0, 0), (0, 0)))
+  seg_q = jnp.zeros((b, t), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
+  seg_k = jnp.zeros((b, s), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
+  q_seg = jnp.pad(seg_q, ((0, 0), (0, tp - t)), constant_values=-1)
+  k_seg = jnp.pad(seg_k, ((0, 0), (0, sp - s)), constant_values=-2)
+  scale = d ** -0.5 if sm_scale is None else float(sm_scale)
+  o, lse = _forward(pad(q, tp), pad(k, sp), pad(v, sp), q_seg, k_seg, causal=causal, scale=scale,
+                    s_len=s, bq=block_q, bk=block_k, stages=stages, interpret=interpret,
+                    p_in_smem=bool(interpret) if p_in_smem is None else p_in_smem)
+  return o[:, :t], lse[:, :, :t]
