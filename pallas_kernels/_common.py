@@ -97,3 +97,11 @@ def tpu_interpret(kernel):
     from jax.experimental.pallas import tpu as pltpu
     return kernel(q, k, v, interpret=pltpu.InterpretParams(), **kwargs)
   return run
+
+
+def gpu_interpret(kernel):
+  """The Mosaic GPU kernel under GPU interpret mode (runs on any backend, the CPU included)."""
+  def run(q, k, v, **kwargs):
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+    return kernel(q, k, v, interpret=plgpu.InterpretGPUParams(), **kwargs)
+  return run

@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import _common
+from pallas_kernels.blockwise.pallas_gpu import flash_attention_gpu
 from pallas_kernels.blockwise.pallas_tpu import flash_attention_tpu
 from pallas_kernels.blockwise.reference import blockwise_reference, dense_attention
 
@@ -13,9 +14,13 @@ _NAME = "blockwise_attention"
 
 # impl -> backend -> kernel ("any": every backend, e.g. interpret mode on the CPU).
 KERNELS: dict = {
-    "pallas": {"tpu": flash_attention_tpu},
+    "pallas": {"tpu": flash_attention_tpu, "gpu": flash_attention_gpu},
     "interpret": {"any": _common.tpu_interpret(flash_attention_tpu)},
+    "interpret_gpu": {"any": _common.gpu_interpret(flash_attention_gpu)},
 }
+# Backends where "auto" picks the Pallas kernel: the GPU kernel is not measured yet, and cuDNN
+# is (docs/benchmarks.md); it joins this set when the benchmark shows it ahead.
+AUTO_PALLAS = ("tpu",)
 
 
 def kernel_for(impl: str, backend: str | None = None):
@@ -39,7 +44,7 @@ def resolve_impl(impl: str) -> str:
   if impl != "auto":
     return impl
   backend = _common.backend()
-  if backend in ("gpu", "tpu") and kernel_for("pallas", backend) is not None:
+  if backend in AUTO_PALLAS and kernel_for("pallas", backend) is not None:
     return "pallas"
   if backend == "gpu":
     return "cudnn"
@@ -53,7 +58,8 @@ def blockwise_attention(q, k, v, *, causal=True, segment_ids=None, sm_scale=None
   """Softmax attention, q [B, T, Hq, D], k/v [B, S, Hkv, D] -> [B, T, Hq, D] in q's dtype.
 
   impl: "reference" (jnp online softmax), "xla" (dense), "cudnn" (GPU), "pallas" (the Pallas
-  TPU kernel on a TPU), "interpret" (that kernel in TPU interpret mode, on any backend), "auto".
+  kernel of this backend: Mosaic TPU, or Mosaic GPU on Hopper), "interpret" / "interpret_gpu"
+  (the TPU / GPU kernel in its interpret mode, on any backend), "auto".
 
   causal: query t sees key s only if s <= t. segment_ids [B, T] int32: tokens attend only within
   their own segment (packed documents). sm_scale defaults to D**-0.5. alibi_slopes [Hq]: adds

@@ -1,4 +1,4 @@
-"""Flash attention forward as a Pallas Mosaic GPU (Hopper) kernel.
+"""Flash attention as Pallas Mosaic GPU (Hopper) kernels, forward and backward.
 
 One CTA (one warpgroup) per (query block, query head, batch): the query tile is copied to shared
 memory by TMA once; key/value tiles stream through a software pipeline (plgpu.emit_pipeline,
@@ -8,12 +8,17 @@ stops the pipeline at the diagonal, so masked tiles are neither loaded nor compu
 key/value head of query head h is h // (Hq // Hkv), read in place. Segment ids and the padded
 tail are masked by position inside each tile.
 
-Layout: [B, T, H, D] as the API takes it (TMA reads the strided head slices); T is padded to the
-tile. Returns (out, lse [B, H, T]).
+Backward (FlashAttention-2's, from the saved log-sum-exp): a dq kernel per query block walks the
+key blocks up to the diagonal; a dk/dv kernel per (key block, query head) walks the query
+blocks from the diagonal on, computing the transposed tiles (keys as rows) so that both
+products accumulate on the tensor cores. dk, dv are per query head, summed over each group.
 
-Status: validated in Mosaic GPU interpret mode on the CPU and by lowering for CUDA (jax.export);
-not yet run on a GPU, so not registered as impl="pallas" for GPUs until it has been measured
-there (see docs/benchmarks.md).
+Layout: [B, T, H, D] as the API takes it (TMA reads the strided head slices); T is padded to the
+tile.
+
+Status: validated in Mosaic GPU interpret mode on the CPU (tests/test_gpu_kernel.py) and by
+lowering for CUDA with jax.export (the same file); not yet run on a GPU. It is impl="pallas" on
+GPUs; impl="auto" keeps cuDNN there until the benchmark shows this kernel ahead.
 """
 from __future__ import annotations
 
@@ -222,7 +227,8 @@ def _dq(q, k, v, do, lse, delta, q_seg, k_seg, *, causal, scale, s_len, bq, bk, 
 
 def _dkv(q, k, v, do, lse, delta, q_seg, k_seg, *, causal, scale, s_len, bq, bk, stages,
          interpret, stage_in_smem):
-  """dk, dv per query head (fp32 [B, S, Hq, D]); the caller sums each group."""
+  """dk, dv per query head ([B, S, Hq, D] in the input dtype, written through the k and v
+  tiles' shared memory once they are done); the caller sums each group in fp32."""
   b, tp, hq, d = q.shape
   sp, hkv = k.shape[1], k.shape[2]
   group = hq // hkv
@@ -232,7 +238,7 @@ def _dkv(q, k, v, do, lse, delta, q_seg, k_seg, *, causal, scale, s_len, bq, bk,
   transforms = _smem_transforms(dtype)
 
   def kernel(q_gmem, k_gmem, v_gmem, do_gmem, lse_gmem, delta_gmem, qseg_gmem, kseg_gmem,
-             dk_gmem, dv_gmem, k_smem, v_smem, out_smem, barrier, stage_smem=None):
+             dk_gmem, dv_gmem, k_smem, v_smem, barrier, stage_smem=None):
     ki, h, bi = (jax.lax.axis_index(n) for n in ("k", "h", "b"))
     kvh = h // group
     k0 = ki * bk
@@ -272,19 +278,18 @@ def _dkv(q, k, v, do, lse, delta, q_seg, k_seg, *, causal, scale, s_len, bq, bk,
     dk, dv = plgpu.emit_pipeline(
         body, grid=(nq - q_first,), in_specs=[spec, spec], max_concurrent_steps=stages,
         init_carry=(zeros, zeros))(q_gmem.at[bi, :, h], do_gmem.at[bi, :, h])
-    for value, out in ((dk * scale, dk_gmem), (dv, dv_gmem)):
-      out_smem[...] = value
-      plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(out_smem, out.at[bi, pl.ds(k0, bk), h])
-      plgpu.wait_smem_to_gmem(0)
+    k_smem[...] = (dk * scale).astype(dtype)
+    v_smem[...] = dv.astype(dtype)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(k_smem, dk_gmem.at[bi, pl.ds(k0, bk), h])
+    plgpu.copy_smem_to_gmem(v_smem, dv_gmem.at[bi, pl.ds(k0, bk), h])
+    plgpu.wait_smem_to_gmem(0)
 
   scratch = (plgpu.SMEM((bk, d), dtype, transforms=transforms),
-             plgpu.SMEM((bk, d), dtype, transforms=transforms),
-             plgpu.SMEM((bk, d), jnp.float32, transforms=_smem_transforms(jnp.float32)),
-             plgpu.Barrier())
+             plgpu.SMEM((bk, d), dtype, transforms=transforms), plgpu.Barrier())
   if stage_in_smem:
     scratch += (plgpu.SMEM((bk, bq), dtype, transforms=transforms),)
-  out = jax.ShapeDtypeStruct((b, sp, hq, d), jnp.float32)
+  out = jax.ShapeDtypeStruct((b, sp, hq, d), dtype)
   return plgpu.kernel(kernel, out_type=(out, out), grid=(sp // bk, hq, b),
                       grid_names=("k", "h", "b"), scratch_types=scratch,
                       interpret=interpret or False)(q, k, v, do, lse, delta, q_seg, k_seg)
@@ -344,7 +349,8 @@ def _flash_gpu_bwd(cfg, res, cotangents):
   args = (qp, kp, vp, do_p, lse, delta, q_seg, k_seg)
   dq = _dq(*args, **common)
   dk, dv = _dkv(*args, **common)
-  fold = lambda x: x.reshape(b, -1, hkv, hq // hkv, d).sum(axis=3)[:, :s].astype(kp.dtype)
+  fold = lambda x: x.astype(jnp.float32).reshape(b, -1, hkv, hq // hkv, d).sum(axis=3)[
+      :, :s].astype(kp.dtype)
   return dq[:, :t], fold(dk), fold(dv), None
 
 
@@ -367,44 +373,22 @@ def flash_attention_gpu(q, k, v, *, causal=True, segment_ids=None, sm_scale=None
                         alibi_slopes=None, block_q=64, block_k=64, stages=2, interpret=None,
                         stage_in_smem=None):
   """Softmax attention on the Mosaic GPU kernels, forward and backward (custom_vjp).
-  q [B, T, Hq, D], k/v [B, S, Hkv, D] in bf16/fp16, D in 64..256 (a multiple of 64).
+  q [B, T, Hq, D], k/v [B, S, Hkv, D] in bf16/fp16 (fp32 inputs run with bf16 tensor-core
+  operands and fp32 accumulation, and come back as fp32), D in 64..256 (a multiple of 64).
   interpret=plgpu.InterpretGPUParams() runs it on the CPU; stage_in_smem (default: only when
   interpreting) feeds register operands of wgmma through shared memory."""
   if alibi_slopes is not None:
     raise ValueError("the Mosaic GPU attention kernel does not take alibi_slopes yet "
                      "(use impl='reference' or 'xla')")
+  if q.dtype == jnp.float32 and k.dtype == v.dtype == jnp.float32:
+    out = flash_attention_gpu(q.astype(jnp.bfloat16), k.astype(jnp.bfloat16),
+                              v.astype(jnp.bfloat16), causal=causal, segment_ids=segment_ids,
+                              sm_scale=sm_scale, block_q=block_q, block_k=block_k, stages=stages,
+                              interpret=interpret, stage_in_smem=stage_in_smem)
+    return out.astype(jnp.float32)
   _check(q, k, v, block_q, block_k)
   d = q.shape[-1]
   cfg = _Config(causal=causal, scale=d ** -0.5 if sm_scale is None else float(sm_scale),
                 s_len=k.shape[1], bq=block_q, bk=block_k, stages=stages, interpret=interpret,
                 stage_in_smem=bool(interpret) if stage_in_smem is None else stage_in_smem)
   return _flash_gpu(q, k, v, segment_ids, cfg)[0]
-
-
-def flash_attention_gpu_forward(q, k, v, *, causal=True, segment_ids=None, sm_scale=None,
-                                block_q=64, block_k=64, stages=2, interpret=None,
-                                p_in_smem=None):
-  """(out [B, T, Hq, D], lse [B, Hq, T]) of softmax attention; bf16/fp16 inputs, D a multiple
-  of 64. interpret=plgpu.InterpretGPUParams() runs it on the CPU. p_in_smem: feed P to the
-  second matmul through shared memory (default: only in interpret mode)."""
-  if q.dtype not in DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
-    raise ValueError(f"the Mosaic GPU attention kernel takes bfloat16/float16 q, k, v; got "
-                     f"{q.dtype}, {k.dtype}, {v.dtype}")
-  d = q.shape[-1]
-  if d % 64 or d > 256:
-    raise ValueError(f"the Mosaic GPU attention kernel takes head dims 64, 128, 192 or 256; got {d}")
-  if block_q % 64 or block_k % 64:
-    raise ValueError(f"block_q={block_q} and block_k={block_k} must be multiples of 64 (wgmma)")
-  b, t = q.shape[:2]
-  s = k.shape[1]
-  tp, sp = cdiv(t, block_q) * block_q, cdiv(s, block_k) * block_k
-  pad = lambda x, n: jnp.pad(x, ((0, 0), (0, n - x.shape[1]), (0, 0), (0, 0)))
-  seg_q = jnp.zeros((b, t), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
-  seg_k = jnp.zeros((b, s), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
-  q_seg = jnp.pad(seg_q, ((0, 0), (0, tp - t)), constant_values=-1)
-  k_seg = jnp.pad(seg_k, ((0, 0), (0, sp - s)), constant_values=-2)
-  scale = d ** -0.5 if sm_scale is None else float(sm_scale)
-  o, lse = _forward(pad(q, tp), pad(k, sp), pad(v, sp), q_seg, k_seg, causal=causal, scale=scale,
-                    s_len=s, bq=block_q, bk=block_k, stages=stages, interpret=interpret,
-                    p_in_smem=bool(interpret) if p_in_smem is None else p_in_smem)
-  return o[:, :t], lse[:, :, :t]

@@ -1,0 +1,115 @@
+"""The Mosaic GPU flash-attention kernels on the CPU: semantics in Mosaic GPU interpret mode
+(forward and the three gradients against the dense fp32 reference, memory the kernels never
+write is NaN), and lowering for CUDA with jax.export, which runs the whole Pallas -> Mosaic GPU
+lowering (layouts, wgmma shapes, TMA) without a GPU. Interpret mode takes wgmma operands from
+shared memory only, so there register operands are staged through it (stage_in_smem); the
+export tests lower the register path that a GPU runs."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from jax import export
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels import blockwise_attention
+from pallas_kernels.blockwise import api as blockwise_api
+from pallas_kernels.blockwise import dense_attention
+from pallas_kernels.blockwise.pallas_gpu import flash_attention_gpu
+
+BF16_RTOL = 2e-2  # bf16 operands (P and dS are rounded to bf16 before their matmuls)
+
+
+def inputs(seed, b, t, hq, hkv, d, segments, dtype=jnp.bfloat16):
+  r = np.random.default_rng(seed)
+  mk = lambda *shape: jnp.asarray(r.normal(size=shape), dtype)
+  seg = None
+  if segments:
+    seg = jnp.asarray(np.sort(r.integers(1, 4, size=(b, t)), axis=1).astype(np.int32))
+  cot = jnp.asarray(r.normal(size=(b, t, hq, d)), jnp.float32)
+  return mk(b, t, hq, d), mk(b, t, hkv, d), mk(b, t, hkv, d), seg, cot
+
+
+def check_against_reference(q, k, v, seg, cot, *, causal):
+  interp = plgpu.InterpretGPUParams(uninitialized_memory="nan")
+
+  def kernel(q, k, v):
+    out = flash_attention_gpu(q, k, v, causal=causal, segment_ids=seg, interpret=interp)
+    return jnp.sum(out.astype(jnp.float32) * cot), out
+
+  def reference(q, k, v):  # fp32 on the same (bf16-rounded) values
+    f32 = lambda x: x.astype(jnp.float32)
+    out = dense_attention(f32(q), f32(k), f32(v), causal=causal, segment_ids=seg)
+    return jnp.sum(out * cot), out
+
+  (_, o1), g1 = jax.value_and_grad(kernel, argnums=(0, 1, 2), has_aux=True)(q, k, v)
+  (_, o2), g2 = jax.value_and_grad(reference, argnums=(0, 1, 2), has_aux=True)(q, k, v)
+  assert o1.dtype == q.dtype and all(g.dtype == x.dtype for g, x in zip(g1, (q, k, v)))
+  for name, got, want in zip(("out", "dq", "dk", "dv"), (o1, *g1), (o2, *g2)):
+    got = np.asarray(got.astype(jnp.float32))
+    assert np.all(np.isfinite(got)), f"{name}: unwritten (NaN-poisoned) or non-finite values"
+    scale = max(float(jnp.max(jnp.abs(want))), 1.0)
+    np.testing.assert_allclose(got, want, atol=BF16_RTOL * scale, rtol=BF16_RTOL, err_msg=name)
+
+
+@settings(max_examples=3, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(t=st.integers(33, 150), ratio=st.sampled_from([1, 2, 4]), causal=st.booleans(),
+       segments=st.booleans(), seed=st.integers(0, 99))
+def test_kernel_matches_reference_on_random_shapes(t, ratio, causal, segments, seed):
+  hkv = 2 if ratio < 4 else 1
+  q, k, v, seg, cot = inputs(seed, 1, t, hkv * ratio, hkv, 64, segments)
+  check_against_reference(q, k, v, seg, cot, causal=causal)
+
+
+@pytest.mark.parametrize("d", [128, 256])
+def test_head_dims(d):
+  q, k, v, seg, cot = inputs(1, 1, 70, 2, 1, d, True)
+  check_against_reference(q, k, v, seg, cot, causal=True)
+
+
+@pytest.mark.parametrize("d,causal,ratio", [(64, True, 1), (128, True, 4), (128, False, 2),
+                                            (256, True, 2)])
+def test_lowers_for_cuda_forward_and_backward(d, causal, ratio):
+  """The path a GPU runs (register operands, no staging) lowers through Mosaic GPU."""
+  q, k, v, seg, _ = inputs(0, 2, 1000, 2 * ratio, 2, d, True)
+
+  def loss(q, k, v):
+    return jnp.sum(flash_attention_gpu(q, k, v, causal=causal, segment_ids=seg)
+                   .astype(jnp.float32))
+
+  exported = export.export(jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))),
+                           platforms=("cuda",))(q, k, v)
+  text = exported.mlir_module()
+  assert text.count("mosaic_gpu") >= 3, "expected the forward, dq and dk/dv Mosaic GPU kernels"
+
+
+def test_fp32_inputs_come_back_fp32():
+  q, k, v, _, _ = inputs(2, 1, 64, 2, 2, 64, False, dtype=jnp.float32)
+  out = flash_attention_gpu(q, k, v, interpret=plgpu.InterpretGPUParams())
+  assert out.dtype == jnp.float32
+  np.testing.assert_allclose(out, dense_attention(q, k, v), atol=3e-2)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(d=32), "head dims 64, 128, 192 or 256; got 32"),
+    (dict(block_q=96), "multiples of 64"),
+    (dict(alibi=True), "alibi_slopes"),
+])
+def test_bad_inputs_get_one_line_errors(kwargs, match):
+  d = kwargs.get("d", 64)
+  q = jnp.zeros((1, 64, 2, d), jnp.bfloat16)
+  extra = {"alibi_slopes": jnp.ones((2,))} if kwargs.get("alibi") else {}
+  with pytest.raises(ValueError, match=match):
+    flash_attention_gpu(q, q, q, block_q=kwargs.get("block_q", 64), **extra)
+
+
+def test_api_interpret_gpu_and_auto_keeps_cudnn_on_gpu(monkeypatch):
+  q, k, v, seg, _ = inputs(3, 1, 70, 2, 1, 64, True)
+  got = blockwise_attention(q, k, v, segment_ids=seg, impl="interpret_gpu")
+  want = dense_attention(*(x.astype(jnp.float32) for x in (q, k, v)), segment_ids=seg)
+  np.testing.assert_allclose(got.astype(jnp.float32), want, atol=3e-2)
+  assert blockwise_api.kernel_for("pallas", "gpu") is flash_attention_gpu
+  monkeypatch.setattr(blockwise_api._common, "backend", lambda: "gpu")
+  assert blockwise_api.resolve_impl("auto") == "cudnn"  # until the GPU kernel is measured
