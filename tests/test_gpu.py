@@ -18,7 +18,7 @@ def _qkv(b=2, t=1000, hq=8, hkv=2, d=128, dtype=jnp.bfloat16):
           jax.random.normal(keys[2], (b, t, hkv, d), dtype))
 
 
-@pytest.mark.parametrize("impl", ["cudnn", "reference", "auto"])
+@pytest.mark.parametrize("impl", ["cudnn", "reference", "auto", "pallas"])
 def test_softmax_impls_match_the_fp32_reference_on_gpu(impl):
   q, k, v = _qkv()
   seg = jnp.asarray(np.repeat([[1] * 600 + [2] * 400], 2, axis=0), jnp.int32)
@@ -26,6 +26,27 @@ def test_softmax_impls_match_the_fp32_reference_on_gpu(impl):
   got = blockwise_attention(q, k, v, segment_ids=seg, impl=impl)
   assert got.dtype == jnp.bfloat16
   np.testing.assert_allclose(got.astype(jnp.float32), want, atol=3e-2)
+
+
+@pytest.mark.parametrize("causal,d", [(True, 64), (True, 128), (False, 128), (True, 256)])
+def test_mosaic_gpu_kernel_gradients_match_the_fp32_reference(causal, d):
+  """The Mosaic GPU kernels on the device (register wgmma operands, the path the CPU tests can
+  only lower): forward and the three gradients, bf16 tolerance."""
+  q, k, v = _qkv(t=700, d=d)
+  seg = jnp.asarray(np.repeat([[1] * 400 + [2] * 300], 2, axis=0), jnp.int32)
+  cot = jax.random.normal(jax.random.key(1), q.shape, jnp.float32)
+
+  def loss(impl):
+    def f(q, k, v):
+      cast = (lambda x: x.astype(jnp.float32)) if impl == "xla" else (lambda x: x)
+      out = blockwise_attention(cast(q), cast(k), cast(v), causal=causal, segment_ids=seg,
+                                impl=impl)
+      return jnp.sum(out.astype(jnp.float32) * cot)
+    return jax.jit(jax.grad(f, argnums=(0, 1, 2)))
+
+  for got, want in zip(loss("pallas")(q, k, v), loss("xla")(q, k, v)):
+    scale = float(jnp.max(jnp.abs(want)))
+    np.testing.assert_allclose(got.astype(jnp.float32), want, atol=2e-2 * scale)
 
 
 def test_linear_and_sparse_jnp_paths_run_on_gpu():
