@@ -42,7 +42,8 @@ def sparse_flash_tpu(q, k, v, *, pattern, causal=True, segment_ids=None, sm_scal
 
 
 def visited_blocks(pattern, t: int, *, causal=True, block=DEFAULT_BLOCK) -> int:
-  """How many (query block, key block) tiles the kernel computes for this pattern and length."""
+  """How many (query block, key block) tiles the kernel computes for a SlidingWindow or
+  BlockMask and this length (MoBA's work depends on the routing: moba_tpu.moba_work_tiles)."""
   bs = _block_size(t, _blocks_for(pattern, t, block))
   n = cdiv(t, bs)
   if isinstance(pattern, SlidingWindow):
