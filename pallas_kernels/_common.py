@@ -63,6 +63,21 @@ def cdiv(a: int, b: int) -> int:
   return -(-a // b)
 
 
+def pad_for_tiles(q, k, v, segment_ids, bq: int, bk: int):
+  """q padded along T to a multiple of bq, k and v along S to a multiple of bk ([B, T, H, D]
+  layout kept), and int32 segment ids q_seg [B, Tp], k_seg [B, Sp] whose padding (-1 for
+  queries, -2 for keys) matches no real token and no padding of the other side."""
+  b, t = q.shape[:2]
+  s = k.shape[1]
+  tp, sp = cdiv(t, bq) * bq, cdiv(s, bk) * bk
+  pad = lambda x, n: jnp.pad(x, ((0, 0), (0, n - x.shape[1]), (0, 0), (0, 0)))
+  seg_q = jnp.zeros((b, t), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
+  seg_k = jnp.zeros((b, s), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
+  q_seg = jnp.pad(seg_q, ((0, 0), (0, tp - t)), constant_values=-1)
+  k_seg = jnp.pad(seg_k, ((0, 0), (0, sp - s)), constant_values=-2)
+  return pad(q, tp), pad(k, sp), pad(v, sp), q_seg, k_seg
+
+
 def segment_start_mask(segment_ids_BT):
   """True where a token starts a new segment (the first token, and each change of id): [B, T]."""
   first = jnp.ones_like(segment_ids_BT[:, :1], bool)

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels._common import cdiv
+from pallas_kernels._common import cdiv, pad_for_tiles
 
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 LOG2E = math.log2(math.e)
@@ -307,18 +307,6 @@ class _Config:
     return isinstance(other, _Config) and self.key == other.key
 
 
-def _pad_inputs(q, k, v, segment_ids, bq, bk):
-  b, t = q.shape[:2]
-  s = k.shape[1]
-  tp, sp = cdiv(t, bq) * bq, cdiv(s, bk) * bk
-  pad = lambda x, n: jnp.pad(x, ((0, 0), (0, n - x.shape[1]), (0, 0), (0, 0)))
-  seg_q = jnp.zeros((b, t), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
-  seg_k = jnp.zeros((b, s), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
-  q_seg = jnp.pad(seg_q, ((0, 0), (0, tp - t)), constant_values=-1)
-  k_seg = jnp.pad(seg_k, ((0, 0), (0, sp - s)), constant_values=-2)
-  return pad(q, tp), pad(k, sp), pad(v, sp), q_seg, k_seg
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _flash_gpu(q, k, v, segment_ids, cfg):
   return _flash_gpu_fwd(q, k, v, segment_ids, cfg)[0]
@@ -327,7 +315,7 @@ def _flash_gpu(q, k, v, segment_ids, cfg):
 def _flash_gpu_fwd(q, k, v, segment_ids, cfg):
   kw = cfg.kw
   t = q.shape[1]
-  qp, kp, vp, q_seg, k_seg = _pad_inputs(q, k, v, segment_ids, kw["bq"], kw["bk"])
+  qp, kp, vp, q_seg, k_seg = pad_for_tiles(q, k, v, segment_ids, kw["bq"], kw["bk"])
   o, lse = _forward(qp, kp, vp, q_seg, k_seg, causal=kw["causal"], scale=kw["scale"],
                     s_len=k.shape[1], bq=kw["bq"], bk=kw["bk"], stages=kw["stages"],
                     interpret=kw["interpret"], p_in_smem=kw["stage_in_smem"])

@@ -25,7 +25,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels._common import cdiv
+from pallas_kernels._common import cdiv, pad_for_tiles
 
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 DEFAULT_BLOCK = 128
@@ -206,16 +206,10 @@ def _block_size(n: int, block: int) -> int:
 
 
 def _prepare(q, k, v, segment_ids, bq, bk):
-  b, t = q.shape[:2]
-  s = k.shape[1]
-  tp, sp = cdiv(t, bq) * bq, cdiv(s, bk) * bk
-  to_bhtd = lambda x, n: jnp.pad(x, ((0, 0), (0, n - x.shape[1]), (0, 0), (0, 0))).transpose(
-      0, 2, 1, 3)
-  seg_q = jnp.zeros((b, t), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
-  seg_k = jnp.zeros((b, s), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
-  q_seg = jnp.pad(seg_q, ((0, 0), (0, tp - t)), constant_values=-1)[..., None]
-  k_seg = jnp.pad(seg_k, ((0, 0), (0, sp - s)), constant_values=-2)[..., None]
-  return to_bhtd(q, tp), to_bhtd(k, sp), to_bhtd(v, sp), q_seg, k_seg
+  """Padded q, k, v as [B, H, T, D] and segment ids as [B, T, 1] columns."""
+  q, k, v, q_seg, k_seg = pad_for_tiles(q, k, v, segment_ids, bq, bk)
+  to_bhtd = lambda x: x.transpose(0, 2, 1, 3)
+  return to_bhtd(q), to_bhtd(k), to_bhtd(v), q_seg[..., None], k_seg[..., None]
 
 
 def _forward(q, k, v, segment_ids, lists, cfg):
