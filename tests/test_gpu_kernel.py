@@ -13,10 +13,13 @@ from hypothesis import strategies as st
 from jax import export
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels import blockwise_attention
+from pallas_kernels import SlidingWindow, blockwise_attention, sparse_attention
 from pallas_kernels.blockwise import api as blockwise_api
 from pallas_kernels.blockwise import dense_attention
-from pallas_kernels.blockwise.pallas_gpu import flash_attention_gpu
+from pallas_kernels.blockwise.pallas_gpu import _kv_range, _q_range, flash_attention_gpu
+from pallas_kernels.sparse import api as sparse_api
+from pallas_kernels.sparse import sparse_reference
+from pallas_kernels.sparse.pallas_gpu import sparse_flash_gpu
 
 BF16_RTOL = 2e-2  # bf16 operands (P and dS are rounded to bf16 before their matmuls)
 
@@ -31,16 +34,24 @@ def inputs(seed, b, t, hq, hkv, d, segments, dtype=jnp.bfloat16):
   return mk(b, t, hq, d), mk(b, t, hkv, d), mk(b, t, hkv, d), seg, cot
 
 
-def check_against_reference(q, k, v, seg, cot, *, causal):
+def check_against_reference(q, k, v, seg, cot, *, causal, window=None):
   interp = plgpu.InterpretGPUParams(uninitialized_memory="nan")
 
   def kernel(q, k, v):
-    out = flash_attention_gpu(q, k, v, causal=causal, segment_ids=seg, interpret=interp)
+    if window is None:
+      out = flash_attention_gpu(q, k, v, causal=causal, segment_ids=seg, interpret=interp)
+    else:
+      out = sparse_flash_gpu(q, k, v, pattern=SlidingWindow(window), causal=causal,
+                             segment_ids=seg, interpret=interp)
     return jnp.sum(out.astype(jnp.float32) * cot), out
 
   def reference(q, k, v):  # fp32 on the same (bf16-rounded) values
     f32 = lambda x: x.astype(jnp.float32)
-    out = dense_attention(f32(q), f32(k), f32(v), causal=causal, segment_ids=seg)
+    if window is None:
+      out = dense_attention(f32(q), f32(k), f32(v), causal=causal, segment_ids=seg)
+    else:
+      out = sparse_reference(f32(q), f32(k), f32(v), pattern=SlidingWindow(window),
+                             causal=causal, segment_ids=seg)
     return jnp.sum(out * cot), out
 
   (_, o1), g1 = jax.value_and_grad(kernel, argnums=(0, 1, 2), has_aux=True)(q, k, v)
@@ -69,14 +80,45 @@ def test_head_dims(d):
   check_against_reference(q, k, v, seg, cot, causal=True)
 
 
-@pytest.mark.parametrize("d,causal,ratio", [(64, True, 1), (128, True, 4), (128, False, 2),
-                                            (256, True, 2)])
-def test_lowers_for_cuda_forward_and_backward(d, causal, ratio):
+@pytest.mark.parametrize("window,causal,t", [(5, True, 150), (70, True, 200), (100, False, 140),
+                                             (1000, True, 90)])
+def test_sliding_window_below_and_above_the_block(window, causal, t):
+  q, k, v, seg, cot = inputs(4, 1, t, 2, 1, 64, True)
+  check_against_reference(q, k, v, seg, cot, causal=causal, window=window)
+
+
+def visible_blocks(qi, n, bq, bk, causal, window):
+  """Brute force: the key blocks holding a key that some query of block qi sees."""
+  return [ki for ki in range(n) if any(
+      abs(qq - kk) < window and (kk <= qq or not causal)
+      for qq in range(qi * bq, qi * bq + bq) for kk in range(ki * bk, ki * bk + bk))]
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("window", [1, 64, 100, 1000])
+def test_sliding_window_pipelines_visit_the_band_only(causal, window):
+  """The forward/dq key-block range and the dk/dv query-block range equal the brute-force band:
+  nothing outside it is loaded, nothing inside it skipped."""
+  n, bq, bk = 10, 64, 64
+  visible = {qi: visible_blocks(qi, n, bq, bk, causal, window) for qi in range(n)}
+  for i in range(n):
+    first, end = (int(x) for x in _kv_range(i * bq, bq=bq, bk=bk, nk=n, causal=causal,
+                                            window=window))
+    assert list(range(first, end)) == visible[i]
+    first, end = (int(x) for x in _q_range(i * bk, bq=bq, bk=bk, nq=n, causal=causal,
+                                           window=window))
+    assert list(range(first, end)) == [qi for qi in range(n) if i in visible[qi]]
+
+
+@pytest.mark.parametrize("d,causal,ratio,window", [(64, True, 1, None), (128, True, 4, None),
+                                                   (128, False, 2, None), (256, True, 2, None),
+                                                   (128, True, 2, 300)])
+def test_lowers_for_cuda_forward_and_backward(d, causal, ratio, window):
   """The path a GPU runs (register operands, no staging) lowers through Mosaic GPU."""
   q, k, v, seg, _ = inputs(0, 2, 1000, 2 * ratio, 2, d, True)
 
   def loss(q, k, v):
-    return jnp.sum(flash_attention_gpu(q, k, v, causal=causal, segment_ids=seg)
+    return jnp.sum(flash_attention_gpu(q, k, v, causal=causal, segment_ids=seg, window=window)
                    .astype(jnp.float32))
 
   exported = export.export(jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))),
@@ -113,3 +155,14 @@ def test_api_interpret_gpu_and_auto_keeps_cudnn_on_gpu(monkeypatch):
   assert blockwise_api.kernel_for("pallas", "gpu") is flash_attention_gpu
   monkeypatch.setattr(blockwise_api._common, "backend", lambda: "gpu")
   assert blockwise_api.resolve_impl("auto") == "cudnn"  # until the GPU kernel is measured
+  assert sparse_api.resolve_impl("auto") == "xla"
+  with pytest.raises(ValueError, match="SlidingWindow only"):
+    sparse_flash_gpu(q, k, v, pattern=sparse_api.MoBA(16, 2))
+
+
+def test_sparse_api_interpret_gpu_runs_the_window_kernel():
+  q, k, v, seg, _ = inputs(6, 1, 90, 2, 2, 64, False)
+  got = sparse_attention(q, k, v, pattern=SlidingWindow(20), impl="interpret_gpu")
+  f32 = lambda x: x.astype(jnp.float32)
+  want = sparse_reference(f32(q), f32(k), f32(v), pattern=SlidingWindow(20))
+  np.testing.assert_allclose(got.astype(jnp.float32), want, atol=3e-2)

@@ -4,7 +4,8 @@ One CTA (one warpgroup) per (query block, query head, batch): the query tile is 
 memory by TMA once; key/value tiles stream through a software pipeline (plgpu.emit_pipeline,
 two stages in flight); S = Q K^T and O += P V run on the tensor cores (wgmma) with fp32
 accumulation; the running max and sum stay in registers (online softmax). Causal attention
-stops the pipeline at the diagonal, so masked tiles are neither loaded nor computed. GQA: the
+stops the pipeline at the diagonal and a sliding window (window=w: |t - s| < w) also starts it
+at the window's first block, so masked tiles are neither loaded nor computed. GQA: the
 key/value head of query head h is h // (Hq // Hkv), read in place. Segment ids and the padded
 tail are masked by position inside each tile.
 
@@ -43,7 +44,38 @@ def _smem_transforms(dtype):
           plgpu.SwizzleTransform(swizzle))
 
 
-def _forward(q, k, v, q_seg, k_seg, *, causal, scale, s_len, bq, bk, stages, interpret,
+def _kv_range(q0, *, bq, bk, nk, causal, window):
+  """[first, end) of the key blocks that queries [q0, q0 + bq) can see."""
+  if causal:
+    end = jnp.minimum(cdiv(q0 + bq, bk), nk)
+  elif window is None:
+    end = nk
+  else:
+    end = jnp.minimum(cdiv(q0 + bq - 1 + window, bk), nk)
+  first = 0 if window is None else jnp.maximum(q0 - window + 1, 0) // bk
+  return first, end
+
+
+def _q_range(k0, *, bq, bk, nq, causal, window):
+  """[first, end) of the query blocks that can see keys [k0, k0 + bk)."""
+  if causal:
+    first = k0 // bq
+  else:
+    first = 0 if window is None else jnp.maximum(k0 - window + 1, 0) // bq
+  end = nq if window is None else jnp.minimum(cdiv(k0 + bk - 1 + window, bq), nq)
+  return first, end
+
+
+def _tile_mask(q_pos, k_pos, q_seg, k_seg, *, s_len, causal, window):
+  keep = (k_pos < s_len) & (q_seg == k_seg)
+  if causal:
+    keep = keep & (k_pos <= q_pos)
+  if window is not None:
+    keep = keep & (jnp.abs(q_pos - k_pos) < window)
+  return keep
+
+
+def _forward(q, k, v, q_seg, k_seg, *, causal, window, scale, s_len, bq, bk, stages, interpret,
              p_in_smem):
   b, tp, hq, d = q.shape
   sp, hkv = k.shape[1], k.shape[2]
@@ -63,9 +95,11 @@ def _forward(q, k, v, q_seg, k_seg, *, causal, scale, s_len, bq, bk, stages, int
     q_seg_rows = plgpu.load(qseg_gmem.at[bi, pl.ds(q0, bq)], layout=wg.reduce(1),
                             optimized=False)
 
+    first, end = _kv_range(q0, bq=bq, bk=bk, nk=nk, causal=causal, window=window)
+
     def body(idx, k_smem, v_smem, carry):
       acc, m_i, l_i = carry
-      ki = idx[0]
+      ki = idx[0] + first
 
       def qk(acc_ref):
         plgpu.wgmma(acc_ref, q_smem, k_smem.T)
@@ -76,11 +110,9 @@ def _forward(q, k, v, q_seg, k_seg, *, causal, scale, s_len, bq, bk, stages, int
       k_pos = ki * bk + plgpu.broadcasted_iota(jnp.int32, (bq, bk), 1, layout=wg)
       k_seg_cols = plgpu.load(kseg_gmem.at[bi, pl.ds(ki * bk, bk)], layout=wg.reduce(0),
                               optimized=False)
-      keep = ((k_pos < s_len)
-              & (jax.lax.broadcast_in_dim(q_seg_rows, (bq, bk), [0])
-                 == jax.lax.broadcast_in_dim(k_seg_cols, (bq, bk), [1])))
-      if causal:
-        keep = keep & (k_pos <= q_pos)
+      keep = _tile_mask(q_pos, k_pos, jax.lax.broadcast_in_dim(q_seg_rows, (bq, bk), [0]),
+                        jax.lax.broadcast_in_dim(k_seg_cols, (bq, bk), [1]), s_len=s_len,
+                        causal=causal, window=window)
       s = jnp.where(keep, s, MASK_VALUE)
       m_new = jnp.maximum(m_i, s.max(axis=1))
       alpha = jnp.exp2(m_i - m_new)
@@ -102,16 +134,12 @@ def _forward(q, k, v, q_seg, k_seg, *, causal, scale, s_len, bq, bk, stages, int
              + pl.run_scoped(pv, plgpu.ACC((bq, d), jnp.float32)))
       return acc, m_new, l_i
 
-    if causal:
-      kv_steps = jnp.minimum(cdiv(q0 + bq, bk), nk)
-    else:
-      kv_steps = nk
-    spec = plgpu.BlockSpec((bk, d), lambda ki: (ki, 0), transforms=transforms)
+    spec = plgpu.BlockSpec((bk, d), lambda j: (j + first, 0), transforms=transforms)
     init = (plgpu.layout_cast(jnp.zeros((bq, d), jnp.float32), wg),
             plgpu.layout_cast(jnp.full((bq,), MASK_VALUE, jnp.float32), wg.reduce(1)),
             plgpu.layout_cast(jnp.zeros((bq,), jnp.float32), wg.reduce(1)))
     acc, m_i, l_i = plgpu.emit_pipeline(
-        body, grid=(kv_steps,), in_specs=[spec, spec], max_concurrent_steps=stages,
+        body, grid=(end - first,), in_specs=[spec, spec], max_concurrent_steps=stages,
         init_carry=init)(k_gmem.at[bi, :, kvh], v_gmem.at[bi, :, kvh])
 
     empty = l_i == 0.0
@@ -162,7 +190,7 @@ def _smem_product(a_smem, b_smem_t, shape):
   return pl.run_scoped(run, plgpu.ACC(shape, jnp.float32))
 
 
-def _dq(q, k, v, do, lse, delta, q_seg, k_seg, *, causal, scale, s_len, bq, bk, stages,
+def _dq(q, k, v, do, lse, delta, q_seg, k_seg, *, causal, window, scale, s_len, bq, bk, stages,
         interpret, stage_in_smem):
   b, tp, hq, d = q.shape
   sp, hkv = k.shape[1], k.shape[2]
@@ -187,27 +215,26 @@ def _dq(q, k, v, do, lse, delta, q_seg, k_seg, *, causal, scale, s_len, bq, bk, 
     q_seg_rows = plgpu.load(qseg_gmem.at[bi, pl.ds(q0, bq)], layout=wg.reduce(1),
                             optimized=False)
 
+    first, end = _kv_range(q0, bq=bq, bk=bk, nk=nk, causal=causal, window=window)
+
     def body(idx, k_smem, v_smem, acc):
-      ki = idx[0]
+      ki = idx[0] + first
       s = _smem_product(q_smem, k_smem, (bq, bk)) * scale
       q_pos = q0 + plgpu.broadcasted_iota(jnp.int32, (bq, bk), 0, layout=wg)
       k_pos = ki * bk + plgpu.broadcasted_iota(jnp.int32, (bq, bk), 1, layout=wg)
       k_seg_cols = plgpu.load(kseg_gmem.at[bi, pl.ds(ki * bk, bk)], layout=wg.reduce(0),
                               optimized=False)
-      keep = ((k_pos < s_len)
-              & (jax.lax.broadcast_in_dim(q_seg_rows, (bq, bk), [0])
-                 == jax.lax.broadcast_in_dim(k_seg_cols, (bq, bk), [1])))
-      if causal:
-        keep = keep & (k_pos <= q_pos)
+      keep = _tile_mask(q_pos, k_pos, jax.lax.broadcast_in_dim(q_seg_rows, (bq, bk), [0]),
+                        jax.lax.broadcast_in_dim(k_seg_cols, (bq, bk), [1]), s_len=s_len,
+                        causal=causal, window=window)
       p = jnp.where(keep, jnp.exp(s - jax.lax.broadcast_in_dim(lse_rows, (bq, bk), [0])), 0.0)
       dp = _smem_product(do_smem, v_smem, (bq, bk))
       ds = p * (dp - jax.lax.broadcast_in_dim(delta_rows, (bq, bk), [0]))
       return acc + _matmul(ds, k_smem, (bq, d), ds_smem, dtype)
 
-    kv_steps = jnp.minimum(cdiv(q0 + bq, bk), nk) if causal else nk
-    spec = plgpu.BlockSpec((bk, d), lambda ki: (ki, 0), transforms=transforms)
+    spec = plgpu.BlockSpec((bk, d), lambda j: (j + first, 0), transforms=transforms)
     acc = plgpu.emit_pipeline(
-        body, grid=(kv_steps,), in_specs=[spec, spec], max_concurrent_steps=stages,
+        body, grid=(end - first,), in_specs=[spec, spec], max_concurrent_steps=stages,
         init_carry=plgpu.layout_cast(jnp.zeros((bq, d), jnp.float32), wg))(
             k_gmem.at[bi, :, kvh], v_gmem.at[bi, :, kvh])
     q_smem[...] = (acc * scale).astype(dtype)
@@ -225,7 +252,7 @@ def _dq(q, k, v, do, lse, delta, q_seg, k_seg, *, causal, scale, s_len, bq, bk, 
                           q, k, v, do, lse, delta, q_seg, k_seg)
 
 
-def _dkv(q, k, v, do, lse, delta, q_seg, k_seg, *, causal, scale, s_len, bq, bk, stages,
+def _dkv(q, k, v, do, lse, delta, q_seg, k_seg, *, causal, window, scale, s_len, bq, bk, stages,
          interpret, stage_in_smem):
   """dk, dv per query head ([B, S, Hq, D] in the input dtype, written through the k and v
   tiles' shared memory once they are done); the caller sums each group in fp32."""
@@ -248,7 +275,7 @@ def _dkv(q, k, v, do, lse, delta, q_seg, k_seg, *, causal, scale, s_len, bq, bk,
     plgpu.barrier_wait(barrier)
     k_seg_rows = plgpu.load(kseg_gmem.at[bi, pl.ds(k0, bk)], layout=wg.reduce(1),
                             optimized=False)
-    q_first = (k0 // bq) if causal else 0
+    q_first, q_end = _q_range(k0, bq=bq, bk=bk, nq=nq, causal=causal, window=window)
 
     def body(idx, q_smem, do_smem, carry):
       dk, dv = carry
@@ -261,11 +288,9 @@ def _dkv(q, k, v, do, lse, delta, q_seg, k_seg, *, causal, scale, s_len, bq, bk,
       q_pos = qi * bq + plgpu.broadcasted_iota(jnp.int32, (bk, bq), 1, layout=wg)
       q_seg_cols = plgpu.load(qseg_gmem.at[bi, pl.ds(qi * bq, bq)], layout=wg.reduce(0),
                               optimized=False)
-      keep = ((k_pos < s_len)
-              & (jax.lax.broadcast_in_dim(k_seg_rows, (bk, bq), [0])
-                 == jax.lax.broadcast_in_dim(q_seg_cols, (bk, bq), [1])))
-      if causal:
-        keep = keep & (k_pos <= q_pos)
+      keep = _tile_mask(q_pos, k_pos, jax.lax.broadcast_in_dim(q_seg_cols, (bk, bq), [1]),
+                        jax.lax.broadcast_in_dim(k_seg_rows, (bk, bq), [0]), s_len=s_len,
+                        causal=causal, window=window)
       p_t = jnp.where(keep, jnp.exp(s_t - cols(lse_gmem)), 0.0)
       dp_t = _smem_product(v_smem, do_smem, (bk, bq))
       ds_t = p_t * (dp_t - cols(delta_gmem))
@@ -276,7 +301,7 @@ def _dkv(q, k, v, do, lse, delta, q_seg, k_seg, *, causal, scale, s_len, bq, bk,
     spec = plgpu.BlockSpec((bq, d), lambda j: (j + q_first, 0), transforms=transforms)
     zeros = plgpu.layout_cast(jnp.zeros((bk, d), jnp.float32), wg)
     dk, dv = plgpu.emit_pipeline(
-        body, grid=(nq - q_first,), in_specs=[spec, spec], max_concurrent_steps=stages,
+        body, grid=(q_end - q_first,), in_specs=[spec, spec], max_concurrent_steps=stages,
         init_carry=(zeros, zeros))(q_gmem.at[bi, :, h], do_gmem.at[bi, :, h])
     k_smem[...] = (dk * scale).astype(dtype)
     v_smem[...] = dv.astype(dtype)
@@ -316,7 +341,8 @@ def _flash_gpu_fwd(q, k, v, segment_ids, cfg):
   kw = cfg.kw
   t = q.shape[1]
   qp, kp, vp, q_seg, k_seg = pad_for_tiles(q, k, v, segment_ids, kw["bq"], kw["bk"])
-  o, lse = _forward(qp, kp, vp, q_seg, k_seg, causal=kw["causal"], scale=kw["scale"],
+  o, lse = _forward(qp, kp, vp, q_seg, k_seg, causal=kw["causal"], window=kw["window"],
+                    scale=kw["scale"],
                     s_len=k.shape[1], bq=kw["bq"], bk=kw["bk"], stages=kw["stages"],
                     interpret=kw["interpret"], p_in_smem=kw["stage_in_smem"])
   return (o[:, :t], lse[:, :, :t]), (qp, kp, vp, q_seg, k_seg, o, lse, t)
@@ -331,7 +357,7 @@ def _flash_gpu_bwd(cfg, res, cotangents):
   do_p = jnp.pad(do, ((0, 0), (0, tp - t), (0, 0), (0, 0))).astype(qp.dtype)
   delta = jnp.einsum("bthd,bthd->bht", do_p.astype(jnp.float32), o.astype(jnp.float32))
   delta = delta - jnp.pad(dlse.astype(jnp.float32), ((0, 0), (0, 0), (0, tp - t)))
-  common = dict(causal=kw["causal"], scale=kw["scale"], s_len=s, bq=kw["bq"], bk=kw["bk"],
+  common = dict(causal=kw["causal"], window=kw["window"], scale=kw["scale"], s_len=s, bq=kw["bq"], bk=kw["bk"],
                 stages=kw["stages"], interpret=kw["interpret"],
                 stage_in_smem=kw["stage_in_smem"])
   args = (qp, kp, vp, do_p, lse, delta, q_seg, k_seg)
@@ -359,7 +385,7 @@ def _check(q, k, v, block_q, block_k):
 
 def flash_attention_gpu(q, k, v, *, causal=True, segment_ids=None, sm_scale=None,
                         alibi_slopes=None, block_q=64, block_k=64, stages=2, interpret=None,
-                        stage_in_smem=None):
+                        stage_in_smem=None, window=None):
   """Softmax attention on the Mosaic GPU kernels, forward and backward (custom_vjp).
   q [B, T, Hq, D], k/v [B, S, Hkv, D] in bf16/fp16 (fp32 inputs run with bf16 tensor-core
   operands and fp32 accumulation, and come back as fp32), D in 64..256 (a multiple of 64).
@@ -372,11 +398,13 @@ def flash_attention_gpu(q, k, v, *, causal=True, segment_ids=None, sm_scale=None
     out = flash_attention_gpu(q.astype(jnp.bfloat16), k.astype(jnp.bfloat16),
                               v.astype(jnp.bfloat16), causal=causal, segment_ids=segment_ids,
                               sm_scale=sm_scale, block_q=block_q, block_k=block_k, stages=stages,
-                              interpret=interpret, stage_in_smem=stage_in_smem)
+                              interpret=interpret, stage_in_smem=stage_in_smem, window=window)
     return out.astype(jnp.float32)
   _check(q, k, v, block_q, block_k)
   d = q.shape[-1]
-  cfg = _Config(causal=causal, scale=d ** -0.5 if sm_scale is None else float(sm_scale),
+  if window is not None and (not isinstance(window, int) or window <= 0):
+    raise ValueError(f"window={window!r} must be a positive int")
+  cfg = _Config(causal=causal, window=window, scale=d ** -0.5 if sm_scale is None else float(sm_scale),
                 s_len=k.shape[1], bq=block_q, bk=block_k, stages=stages, interpret=interpret,
                 stage_in_smem=bool(interpret) if stage_in_smem is None else stage_in_smem)
   return _flash_gpu(q, k, v, segment_ids, cfg)[0]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pallas_kernels import _common
+from pallas_kernels.sparse.pallas_gpu import sparse_flash_gpu
 from pallas_kernels.sparse.pallas_tpu import sparse_flash_tpu
 from pallas_kernels.sparse.patterns import BlockMask, MoBA, SlidingWindow
 from pallas_kernels.sparse.reference import sparse_blockwise, sparse_reference
@@ -10,9 +11,13 @@ _NAME = "sparse_attention"
 _IMPLS = ("auto", "reference", "xla", "pallas", "interpret", "interpret_gpu")
 # impl -> backend -> kernel ("any": every backend), as in blockwise/api.py.
 KERNELS: dict = {
-    "pallas": {"tpu": sparse_flash_tpu},
+    "pallas": {"tpu": sparse_flash_tpu, "gpu": sparse_flash_gpu},
     "interpret": {"any": _common.tpu_interpret(sparse_flash_tpu)},
+    "interpret_gpu": {"any": _common.gpu_interpret(sparse_flash_gpu)},
 }
+# Backends where "auto" picks the Pallas kernel: the GPU kernel (sliding window only) is not
+# measured yet; until it is, "auto" runs the block-skipping jnp path there.
+AUTO_PALLAS = ("tpu",)
 
 
 def kernel_for(impl: str, backend: str | None = None):
@@ -20,14 +25,17 @@ def kernel_for(impl: str, backend: str | None = None):
 
 
 def resolve_impl(impl: str) -> str:
-  """"auto": the kernel on GPU/TPU when there is one, else the block-skipping path; on the CPU
-  the dense masked reference, which at the lengths CPU runs use is the fastest (the gathers of
-  the block-skipping path cost more there than the work they skip)."""
+  """"auto": the kernel on a TPU, the block-skipping path on a GPU (until its kernels are
+  measured there); on the CPU the dense masked reference, which at the lengths CPU runs use is
+  the fastest (the gathers of the block-skipping path cost more there than the work they
+  skip)."""
   if impl != "auto":
     return impl
   backend = _common.backend()
+  if backend in AUTO_PALLAS and kernel_for("pallas", backend):
+    return "pallas"
   if backend in ("gpu", "tpu"):
-    return "pallas" if kernel_for("pallas", backend) else "xla"
+    return "xla"
   return "reference"
 
 
