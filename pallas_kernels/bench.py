@@ -234,10 +234,14 @@ def main(argv=None) -> int:
     rows += _run_fla(shapes, args.decay, args.iters)
   else:
     from pallas_kernels import MoBA, SlidingWindow, sparse_attention
+    from pallas_kernels.sparse.api import kernel_for
+    window_impl = "pallas" if kernel_for("pallas") is not None else "auto"
+    moba_impl = "pallas" if jax.default_backend() == "tpu" else "auto"
     impls = {
-        "ours sliding window 1024": functools.partial(sparse_attention,
-                                                      pattern=SlidingWindow(1024)),
-        "ours MoBA 512/top4": functools.partial(sparse_attention, pattern=MoBA(512, 4)),
+        f"ours sliding window 1024 ({window_impl})": functools.partial(
+            sparse_attention, pattern=SlidingWindow(1024), impl=window_impl),
+        f"ours MoBA 512/top4 ({moba_impl})": functools.partial(
+            sparse_attention, pattern=MoBA(512, 4), impl=moba_impl),
     }
     if jax.default_backend() == "gpu":
       impls["cudnn sliding window 1024"] = lambda q, k, v: jax.nn.dot_product_attention(

@@ -49,6 +49,15 @@ def test_mosaic_gpu_kernel_gradients_match_the_fp32_reference(causal, d):
     np.testing.assert_allclose(got.astype(jnp.float32), want, atol=2e-2 * scale)
 
 
+@pytest.mark.parametrize("window", [100, 1024])
+def test_mosaic_gpu_sliding_window_matches_the_reference(window):
+  q, k, v = _qkv(t=1500)
+  got = sparse_attention(q, k, v, pattern=SlidingWindow(window), impl="pallas")
+  want = sparse_attention(*(x.astype(jnp.float32) for x in (q, k, v)),
+                          pattern=SlidingWindow(window), impl="reference")
+  np.testing.assert_allclose(got.astype(jnp.float32), want, atol=3e-2)
+
+
 def test_linear_and_sparse_jnp_paths_run_on_gpu():
   q, k, v = _qkv(t=512)
   out = linear_attention(q, k, v, decay=-jnp.ones((8,)) * 0.05)
