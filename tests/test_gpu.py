@@ -58,6 +58,19 @@ def test_mosaic_gpu_sliding_window_matches_the_reference(window):
   np.testing.assert_allclose(got.astype(jnp.float32), want, atol=3e-2)
 
 
+@pytest.mark.parametrize("normalize", [True, False])
+def test_mosaic_gpu_linear_forward_matches_the_reference(normalize):
+  q, k, v = _qkv(t=1000)
+  gates = -jax.nn.softplus(jax.random.normal(jax.random.key(2), q.shape[:3]))
+  seg = jnp.asarray(np.repeat([[1] * 600 + [2] * 400], 2, axis=0), jnp.int32)
+  kw = dict(decay=gates, segment_ids=seg, normalize=normalize,
+            feature_map="elu1" if normalize else "identity")
+  got = linear_attention(q, k, v, impl="pallas", **kw)
+  want = linear_attention(*(x.astype(jnp.float32) for x in (q, k, v)), impl="xla", **kw)
+  scale = float(jnp.max(jnp.abs(want)))
+  np.testing.assert_allclose(got.astype(jnp.float32), want, atol=3e-2 * scale)
+
+
 def test_linear_and_sparse_jnp_paths_run_on_gpu():
   q, k, v = _qkv(t=512)
   out = linear_attention(q, k, v, decay=-jnp.ones((8,)) * 0.05)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pallas_kernels import _common
+from pallas_kernels.linear.pallas_gpu import linear_attention_gpu
 from pallas_kernels.linear.pallas_tpu import linear_attention_tpu
 from pallas_kernels.linear.reference import (FEATURE_MAPS, init_state, linear_chunked,
                                              linear_step)
@@ -10,9 +11,13 @@ _NAME = "linear_attention"
 _IMPLS = ("auto", "reference", "xla", "pallas", "interpret", "interpret_gpu")
 # impl -> backend -> kernel ("any": every backend), as in blockwise/api.py.
 KERNELS: dict = {
-    "pallas": {"tpu": linear_attention_tpu},
+    "pallas": {"tpu": linear_attention_tpu, "gpu": linear_attention_gpu},
     "interpret": {"any": _common.tpu_interpret(linear_attention_tpu)},
+    "interpret_gpu": {"any": _common.gpu_interpret(linear_attention_gpu)},
 }
+# Backends where "auto" picks the Pallas kernel: the GPU kernel (forward only so far) is not
+# measured yet, so "auto" runs the XLA chunked form there until it is.
+AUTO_PALLAS = ("tpu",)
 
 
 def kernel_for(impl: str, backend: str | None = None):
@@ -40,7 +45,7 @@ def _check(q, k, v, decay, feature_map, chunk_size):
 def resolve_impl(impl: str) -> str:
   if impl != "auto":
     return impl
-  if _common.backend() in ("gpu", "tpu") and kernel_for("pallas"):
+  if _common.backend() in AUTO_PALLAS and kernel_for("pallas"):
     return "pallas"
   return "xla"
 
