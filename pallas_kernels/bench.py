@@ -90,9 +90,7 @@ def _linear_impls(heads: int, decay_kind: str):
     return attn
 
   if kernel_for("pallas") is not None:
-    # On GPUs the kernel is the forward; its backward is still the XLA chunked form's autodiff.
-    name = "ours (pallas)" if jax.default_backend() == "tpu" else "ours (pallas fwd, xla bwd)"
-    return {name: make("pallas"), "xla chunked": make("xla")}
+    return {"ours (pallas)": make("pallas"), "xla chunked": make("xla")}
   return {"ours (xla chunked)": make("xla")}
 
 

@@ -59,16 +59,25 @@ def test_mosaic_gpu_sliding_window_matches_the_reference(window):
 
 
 @pytest.mark.parametrize("normalize", [True, False])
-def test_mosaic_gpu_linear_forward_matches_the_reference(normalize):
+def test_mosaic_gpu_linear_kernels_match_the_reference(normalize):
+  """Forward and the gradients of q, k, v and the gates, on the device."""
   q, k, v = _qkv(t=1000)
   gates = -jax.nn.softplus(jax.random.normal(jax.random.key(2), q.shape[:3]))
   seg = jnp.asarray(np.repeat([[1] * 600 + [2] * 400], 2, axis=0), jnp.int32)
-  kw = dict(decay=gates, segment_ids=seg, normalize=normalize,
-            feature_map="elu1" if normalize else "identity")
-  got = linear_attention(q, k, v, impl="pallas", **kw)
-  want = linear_attention(*(x.astype(jnp.float32) for x in (q, k, v)), impl="xla", **kw)
-  scale = float(jnp.max(jnp.abs(want)))
-  np.testing.assert_allclose(got.astype(jnp.float32), want, atol=3e-2 * scale)
+  cot = jax.random.normal(jax.random.key(3), q.shape, jnp.float32)
+  kw = dict(segment_ids=seg, normalize=normalize, feature_map="elu1" if normalize else "identity")
+
+  def run(impl, cast):
+    def f(q, k, v, g):
+      out = linear_attention(cast(q), cast(k), cast(v), decay=g, impl=impl, **kw)
+      return jnp.sum(out.astype(jnp.float32) * cot), out
+    return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 3), has_aux=True))(q, k, v, gates)
+
+  (_, got), got_grads = run("pallas", lambda x: x)
+  (_, want), want_grads = run("xla", lambda x: x.astype(jnp.float32))
+  for a, b in zip((got, *got_grads), (want, *want_grads)):
+    scale = float(jnp.max(jnp.abs(b)))
+    np.testing.assert_allclose(a.astype(jnp.float32), b, atol=3e-2 * scale)
 
 
 def test_linear_and_sparse_jnp_paths_run_on_gpu():

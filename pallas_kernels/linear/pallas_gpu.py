@@ -1,4 +1,4 @@
-"""Chunked causal linear attention (with decay) as Pallas Mosaic GPU (Hopper) kernels: forward.
+"""Chunked causal linear attention (with decay) as Pallas Mosaic GPU (Hopper) kernels.
 
 Chunk-parallel, as GPUs need (a sequential scan per (batch, head) would fill 16 SMs of 132):
   1. states: per (batch, head, value slice of 64) a pipeline over the chunks writes the state
@@ -6,13 +6,21 @@ Chunk-parallel, as GPUs need (a sequential scan per (batch, head) would fill 16 
      (K^T straight from shared memory; ks scales the value rows);
   2. outputs: per (batch, head, chunk), in parallel, num = (QK^T * W) V + qs * (Q S_c) and the
      intra-chunk row sums of QK^T * W (for normalisation), all on wgmma.
+Backward (custom_vjp; the states are recomputed, nothing per chunk is kept from the forward):
+  3. state gradients: per (batch, head, value slice) a pipeline over the chunks in reverse
+     writes dH_c (the gradient of the state after chunk c), dH <- decay_c dH + Q_c^T (qs * dN_c);
+  4. per chunk, in parallel: dq = P K + qs * (dN S_c^T), and in a second kernel
+     dk = P^T Q + ks * (V dH_c^T), dv = A^T dN + ks * (K dH_c), with A = (QK^T) * W and
+     P = (dN V^T + dR) * W (dR: the cotangent of the row sums); the gate gradient is
+     phi(q).dq - phi(k).dk reverse-cumsummed, as in the TPU kernels.
 The per-token scalars (b, qs, ks, decay; segment resets folded in) are the TPU kernels' (see
 linear/pallas_tpu.py); the normaliser's inter-chunk part qs * (phi(q) . z_c) and the division
-are jnp. The backward is jax's autodiff of the chunked jnp form (linear_chunked) for now: the
-Mosaic GPU backward kernels are still to come.
+are jnp (autodiff carries them). Chunks are 64 tokens: at 128 the backward's tiles overflow
+shared memory at head dim 128.
 
 Status: validated in Mosaic GPU interpret mode on the CPU and by lowering for CUDA
-(tests/test_linear_gpu_kernel.py); not yet run on a GPU and not registered as impl="pallas".
+(tests/test_linear_gpu_kernel.py); not yet run on a GPU. It is impl="pallas" on GPUs;
+impl="auto" keeps the XLA chunked form there until the benchmark shows the kernels ahead.
 """
 from __future__ import annotations
 
@@ -25,11 +33,12 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels._common import cdiv
 from pallas_kernels.linear.pallas_tpu import _chunk_scalars
-from pallas_kernels.linear.reference import EPS, apply_feature_map, linear_chunked, log_gates
+from pallas_kernels.linear.reference import EPS, apply_feature_map, log_gates
 
 DTYPES = (jnp.bfloat16, jnp.float16)
 VALUE_SLICE = 64
 SMEM_BYTES = 227 * 1024  # Hopper's shared memory per block
+CHUNK = 64
 
 
 def _transforms(dtype):
@@ -169,76 +178,244 @@ def _outputs(fq, fk, v, states, bcum, qs, seg, *, chunk, interpret, stage=None):
       interpret=interpret or False)(fq, fk, v, states, bcum, bcum, qs, seg, seg)
 
 
-def _forward(fq, fk, v, g, seg, *, chunk, normalize, interpret):
-  b, t, hq, d = fq.shape
-  n = cdiv(t, chunk)
-  tp = n * chunk
-  pad = lambda x: jnp.pad(x, ((0, 0), (0, tp - t)) + ((0, 0),) * (x.ndim - 2))
+def _dstates(fq, dn, qs, decay, *, chunk, interpret):
+  """dH_c as [B, H, n * D, Dv]: the gradient of the state after chunk c (what chunk c's keys
+  and values feed), by a pipeline over the chunks in reverse:
+  dH <- decay_c dH + Q_c^T (qs * dN_c), with dH after the last chunk zero."""
+  b, tp, hq, d = fq.shape
+  dv = dn.shape[-1]
+  n = tp // chunk
+  bv = min(VALUE_SLICE, dv)
+  wg = plgpu.Layout.WGMMA
+  dtype = fq.dtype
+  tr = _transforms(dtype)
+
+  def kernel(q_gmem, dn_gmem, qs_gmem, decay_gmem, dh_gmem, stage_smem, dh_out):
+    vi, h, bi = (jax.lax.axis_index(x) for x in ("v", "h", "b"))
+
+    def body(idx, q_smem, dn_smem, dh):
+      c = n - 1 - idx[0]
+      plgpu.wait_smem_to_gmem(0)
+      dh_out[...] = dh.astype(dtype)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(dh_out, dh_gmem.at[bi, h, pl.ds(c * d, d), pl.ds(vi * bv, bv)])
+      qs_rows = plgpu.load(qs_gmem.at[bi, h, pl.ds(c * chunk, chunk)], layout=wg.reduce(1),
+                           optimized=False)
+      dn_rows = plgpu.load(dn_smem, layout=wg, optimized=False).astype(jnp.float32)
+      scaled = dn_rows * jax.lax.broadcast_in_dim(qs_rows, (chunk, bv), [0])
+      update = _product(q_smem.T, _stage(scaled, stage_smem), (d, bv))
+      decay_rows = plgpu.load(decay_gmem.at[bi, h, c], layout=wg.reduce(1), optimized=False)
+      return jax.lax.broadcast_in_dim(decay_rows, (d, bv), [0]) * dh + update
+
+    q_spec = plgpu.BlockSpec((chunk, d), lambda j: (n - 1 - j, 0), transforms=tr)
+    dn_spec = plgpu.BlockSpec((chunk, bv), lambda j: (n - 1 - j, vi), transforms=tr)
+    plgpu.emit_pipeline(
+        body, grid=(n,), in_specs=[q_spec, dn_spec], max_concurrent_steps=2,
+        init_carry=plgpu.layout_cast(jnp.zeros((d, bv), jnp.float32), wg))(
+            q_gmem.at[bi, :, h], dn_gmem.at[bi, :, h])
+    plgpu.wait_smem_to_gmem(0)
+
+  return plgpu.kernel(
+      kernel, out_type=jax.ShapeDtypeStruct((b, hq, n * d, dv), dtype),
+      grid=(dv // bv, hq, b), grid_names=("v", "h", "b"),
+      scratch_types=(plgpu.SMEM((chunk, bv), dtype, transforms=tr),
+                     plgpu.SMEM((d, bv), dtype, transforms=tr)),
+      interpret=interpret or False)(fq, dn, qs, decay)
+
+
+def _chunk_grads(fq, fk, v, dn, drows, states, dstates, bcum, qs, ks, seg, *, chunk, interpret,
+                 which):
+  """Per chunk, in parallel, with P = (dN V^T + dR 1^T) * W and A = (Q K^T) * W:
+    which="dq":  dq = P K + qs * (dN S_c^T)                    [B, Tp, Hq, D] fp32
+    which="dkv": dk = P^T Q + ks * (V dH_c^T),  dv = A^T dN + ks * (K dH_c)
+  (dk, dv per query head, fp32; the caller sums each group)."""
+  b, tp, hq, d = fq.shape
+  dv = v.shape[-1]
+  n = tp // chunk
+  group = hq // fk.shape[2]
+  wg = plgpu.Layout.WGMMA
+  dtype = fq.dtype
+  tr = _transforms(dtype)
+  shape = (chunk, chunk)
+
+  def kernel(q_gmem, k_gmem, v_gmem, dn_gmem, dr_gmem, s_gmem, b_gmem, b2_gmem, qs_gmem, ks_gmem,
+             seg_gmem, seg2_gmem, *rest):
+    if which == "dq":
+      dq_gmem, q_smem, k_smem, v_smem, dn_smem, s_smem, p_smem, out_smem, barrier = rest
+    else:
+      (dk_gmem, dv_gmem, q_smem, k_smem, v_smem, dn_smem, s_smem, p_smem, a_smem, out_smem,
+       out2_smem, barrier) = rest
+    c, h, bi = (jax.lax.axis_index(x) for x in ("c", "h", "b"))
+    kvh = h // group
+    t0 = c * chunk
+    for src, dst in ((q_gmem.at[bi, pl.ds(t0, chunk), h], q_smem),
+                     (k_gmem.at[bi, pl.ds(t0, chunk), kvh], k_smem),
+                     (v_gmem.at[bi, pl.ds(t0, chunk), kvh], v_smem),
+                     (dn_gmem.at[bi, pl.ds(t0, chunk), h], dn_smem),
+                     (s_gmem.at[bi, h, pl.ds(c * d, d)], s_smem)):
+      plgpu.copy_gmem_to_smem(src, dst, barrier)
+      plgpu.barrier_wait(barrier)
+    # Each per-token vector is read from its own operand: Mosaic GPU's layout inference fails
+    # when one memory ref is loaded with two layouts.
+    vec = lambda ref, layout: plgpu.load(ref.at[pl.ds(t0, chunk)], layout=layout,
+                                         optimized=False)
+    rows2 = lambda x: jax.lax.broadcast_in_dim(x, shape, [0])
+    cols2 = lambda x: jax.lax.broadcast_in_dim(x, shape, [1])
+    row = plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=wg)
+    col = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=wg)
+    keep = (col <= row) & (rows2(vec(seg_gmem.at[bi], wg.reduce(1)))
+                           == cols2(vec(seg2_gmem.at[bi], wg.reduce(0))))
+    diff = rows2(vec(b_gmem.at[bi, h], wg.reduce(1))) - cols2(vec(b2_gmem.at[bi, h], wg.reduce(0)))
+    w = jnp.where(keep, jnp.exp(jnp.where(keep, diff, 0.0)), 0.0)
+    dr_rows = vec(dr_gmem.at[bi, h], wg.reduce(1))
+    p = (_product(dn_smem, v_smem.T, shape) + rows2(dr_rows)) * w
+    _stage(p, p_smem)
+    if which == "dq":
+      qs_rows = vec(qs_gmem.at[bi, h], wg.reduce(1))
+      dq = (_product(p_smem, k_smem, (chunk, d))
+            + jax.lax.broadcast_in_dim(qs_rows, (chunk, d), [0])
+            * _product(dn_smem, s_smem.T, (chunk, d)))
+      out_smem[...] = dq
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(out_smem, dq_gmem.at[bi, pl.ds(t0, chunk), h])
+    else:
+      ks_rows = vec(ks_gmem.at[bi, h], wg.reduce(1))
+      a = _product(q_smem, k_smem.T, shape) * w
+      _stage(a, a_smem)
+      dk = (_product(p_smem.T, q_smem, (chunk, d))
+            + jax.lax.broadcast_in_dim(ks_rows, (chunk, d), [0])
+            * _product(v_smem, s_smem.T, (chunk, d)))
+      dvv = (_product(a_smem.T, dn_smem, (chunk, dv))
+             + jax.lax.broadcast_in_dim(ks_rows, (chunk, dv), [0])
+             * _product(k_smem, s_smem, (chunk, dv)))
+      out_smem[...] = dk
+      out2_smem[...] = dvv
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(out_smem, dk_gmem.at[bi, pl.ds(t0, chunk), h])
+      plgpu.copy_smem_to_gmem(out2_smem, dv_gmem.at[bi, pl.ds(t0, chunk), h])
+    plgpu.wait_smem_to_gmem(0)
+
+  tiles = [plgpu.SMEM((chunk, d), dtype, transforms=tr), plgpu.SMEM((chunk, d), dtype, transforms=tr),
+           plgpu.SMEM((chunk, dv), dtype, transforms=tr),
+           plgpu.SMEM((chunk, dv), dtype, transforms=tr),
+           plgpu.SMEM((d, dv), dtype, transforms=tr),
+           plgpu.SMEM(shape, dtype, transforms=tr)]
+  f32_out = lambda width: jax.ShapeDtypeStruct((b, tp, hq, width), jnp.float32)
+  if which == "dq":
+    out_type = f32_out(d)
+    scratch = tiles + [plgpu.SMEM((chunk, d), jnp.float32), plgpu.Barrier()]
+    state_like = states
+  else:
+    out_type = (f32_out(d), f32_out(dv))
+    scratch = tiles + [plgpu.SMEM(shape, dtype, transforms=tr),
+                       plgpu.SMEM((chunk, d), jnp.float32), plgpu.SMEM((chunk, dv), jnp.float32),
+                       plgpu.Barrier()]
+    state_like = dstates
+  return plgpu.kernel(
+      kernel, out_type=out_type, grid=(n, hq, b), grid_names=("c", "h", "b"),
+      scratch_types=tuple(scratch), interpret=interpret or False)(
+          fq, fk, v, dn, drows, state_like, bcum, bcum, qs, ks, seg, seg)
+
+
+def _scalars(g, seg, chunk, d):
   bcum, qs, ks, seg_p = _chunk_scalars(g, seg, chunk)  # [B, H, Tp] each, seg [B, Tp]
+  b, hq, tp = qs.shape
+  n = tp // chunk
   decay = jnp.broadcast_to(qs.reshape(b, hq, n, chunk)[..., -1:], (b, hq, n, d))
-  fq_p, fk_p, v_p = pad(fq), pad(fk), pad(v)
+  return bcum, qs, ks, seg_p, decay
+
+
+def _pad_time(x, tp):
+  return jnp.pad(x, ((0, 0), (0, tp - x.shape[1])) + ((0, 0),) * (x.ndim - 2))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _kernel_part(fq, fk, v, g, seg, chunk, interpret):
+  """(num [B, T, Hq, Dv] fp32, intra-chunk row sums [B, Hq, T] fp32): the pair sums
+  sum_j G(t, j) (phi(q_t).phi(k_j)) v_j over all j <= t, and over j in t's chunk without v."""
+  return _kernel_part_fwd(fq, fk, v, g, seg, chunk, interpret)[0]
+
+
+def _kernel_part_fwd(fq, fk, v, g, seg, chunk, interpret):
+  t, d = fq.shape[1], fq.shape[-1]
+  bcum, qs, ks, seg_p, decay = _scalars(g, seg, chunk, d)
+  tp = qs.shape[-1]
+  fq_p, fk_p, v_p = (_pad_time(x, tp) for x in (fq, fk, v))
   states = _states(fk_p, v_p, ks, decay, chunk=chunk, interpret=interpret)
-  num, intra_rows = _outputs(fq_p, fk_p, v_p, states, bcum, qs, seg_p, chunk=chunk,
-                             interpret=interpret)
-  num = num[:, :t]
-  if not normalize:
-    return num
-  # z_c (the key sum before chunk c) by an associative scan over chunks, then
-  # den = intra row sums + qs * (phi(q) . z_c).
-  hkv = fk.shape[2]
-  fk_rep = jnp.repeat(fk_p.astype(jnp.float32), hq // hkv, axis=2)  # [B, Tp, Hq, D]
+  num, rows = _outputs(fq_p, fk_p, v_p, states, bcum, qs, seg_p, chunk=chunk,
+                       interpret=interpret)
+  return (num[:, :t], rows[:, :, :t]), (fq_p, fk_p, v_p, g, seg, t)
+
+
+def _kernel_part_bwd(chunk, interpret, res, cotangents):
+  """Recomputes the chunk states (the forward saves nothing per chunk), then the state
+  gradients in reverse and the per-chunk gradients."""
+  fq_p, fk_p, v_p, g, seg, t = res
+  dnum, drows = cotangents
+  b, tp, hq, d = fq_p.shape
+  hkv = fk_p.shape[2]
+  group = hq // hkv
+  bcum, qs, ks, seg_p, decay = _scalars(g, seg, chunk, d)
+  states = _states(fk_p, v_p, ks, decay, chunk=chunk, interpret=interpret)
+  dn = _pad_time(dnum, tp).astype(fq_p.dtype)  # a tensor-core operand
+  dr = jnp.pad(drows.astype(jnp.float32), ((0, 0), (0, 0), (0, tp - t)))
+  dstates = _dstates(fq_p, dn, qs, decay, chunk=chunk, interpret=interpret)
+  kw = dict(chunk=chunk, interpret=interpret)
+  dq = _chunk_grads(fq_p, fk_p, v_p, dn, dr, states, dstates, bcum, qs, ks, seg_p, which="dq",
+                    **kw)
+  dk, dv = _chunk_grads(fq_p, fk_p, v_p, dn, dr, states, dstates, bcum, qs, ks, seg_p,
+                        which="dkv", **kw)
+  # dL/dc_t = phi(q_t).dq_t - phi(k_t).dk_t per query head (see linear/pallas_tpu.py).
+  fk_rep = jnp.repeat(fk_p.astype(jnp.float32), group, axis=2)
+  dc = jnp.sum(fq_p.astype(jnp.float32) * dq, axis=-1) - jnp.sum(fk_rep * dk, axis=-1)
+  dg = jnp.cumsum(dc[:, ::-1], axis=1)[:, ::-1][:, :t]  # [B, T, Hq]
+  fold = lambda x: x.reshape(b, tp, hkv, group, -1).sum(axis=3)[:, :t]
+  return (dq[:, :t].astype(fq_p.dtype), fold(dk).astype(fk_p.dtype), fold(dv).astype(v_p.dtype),
+          dg, None)
+
+
+_kernel_part.defvjp(_kernel_part_fwd, _kernel_part_bwd)
+
+
+def _normaliser_inter(fq, fk, g, seg, chunk):
+  """qs_t * (phi(q_t) . z_c): the normaliser's part from before t's chunk, in jnp (z_c, the
+  decayed key sum before chunk c, by an associative scan over chunks). [B, Hq, T]."""
+  b, t, hq, d = fq.shape
+  _, qs, ks, _, decay = _scalars(g, seg, chunk, d)
+  tp = qs.shape[-1]
+  n = tp // chunk
+  fk_rep = jnp.repeat(_pad_time(fk, tp).astype(jnp.float32), hq // fk.shape[2], axis=2)
   dz = jnp.einsum("bhnc,bnchd->bhnd", ks.reshape(b, hq, n, chunk),
                   fk_rep.reshape(b, n, chunk, hq, d))
-  a = decay[..., :1]
 
   def combine(x, y):
     return x[0] * y[0], y[0] * x[1] + y[1]
 
-  _, z_after = jax.lax.associative_scan(combine, (a, dz), axis=2)  # z after chunk c
+  _, z_after = jax.lax.associative_scan(combine, (decay[..., :1], dz), axis=2)
   z_before = jnp.pad(z_after, ((0, 0), (0, 0), (1, 0), (0, 0)))[:, :, :n]
-  z_tok = jnp.repeat(z_before, chunk, axis=2)  # [B, H, Tp, D]
-  inter = jnp.einsum("bthd,bhtd->bht", fq_p.astype(jnp.float32), z_tok) * qs
-  den = (intra_rows + inter)[:, :, :t].transpose(0, 2, 1)[..., None]
-  return num / (den + EPS)
+  z_tok = jnp.repeat(z_before, chunk, axis=2)[:, :, :t]  # [B, H, T, D]
+  return jnp.einsum("bthd,bhtd->bht", fq.astype(jnp.float32), z_tok) * qs[:, :, :t]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
 def _linear_gpu(fq, fk, v, g, seg, chunk, normalize, interpret):
-  return _forward(fq, fk, v, g, seg, chunk=chunk, normalize=normalize, interpret=interpret)
-
-
-def _reference_form(fq, fk, v, g, seg, chunk, normalize):
-  """The same function in jnp (identity features on phi(q), phi(k)): the backward for now."""
-  return linear_chunked(fq, fk, v, feature_map="identity", decay=g, normalize=normalize,
-                        chunk_size=chunk, segment_ids=seg)
-
-
-def _linear_gpu_fwd(fq, fk, v, g, seg, chunk, normalize, interpret):
-  out = _forward(fq, fk, v, g, seg, chunk=chunk, normalize=normalize, interpret=interpret)
-  return out, (fq, fk, v, g, seg)
-
-
-def _linear_gpu_bwd(chunk, normalize, interpret, res, dout):
-  fq, fk, v, g, seg = res
-  _, vjp = jax.vjp(lambda a, b, c, e: _reference_form(a, b, c, e, seg, chunk, normalize).astype(
-      jnp.float32), fq, fk, v, g)
-  return (*vjp(dout.astype(jnp.float32)), None)
-
-
-_linear_gpu.defvjp(_linear_gpu_fwd, _linear_gpu_bwd)
+  num, rows = _kernel_part(fq, fk, v, g, seg, chunk, interpret)
+  if not normalize:
+    return num
+  den = rows + _normaliser_inter(fq, fk, g, seg, chunk)
+  return num / (den.transpose(0, 2, 1)[..., None] + EPS)
 
 
 def linear_attention_gpu(q, k, v, *, feature_map="elu1", decay=None, normalize=True,
                          chunk_size=64, segment_ids=None, interpret=None):
-  """The Mosaic GPU forward (backward: autodiff of the jnp chunked form, see the docstring).
-  bf16/fp16 inputs (fp32 inputs run with bf16 operands), head dims multiples of 64, chunk 64
-  or 128."""
-  if chunk_size not in (64, 128):
-    raise ValueError(f"linear_attention: the Mosaic GPU kernel takes chunk_size 64 or 128; got "
-                     f"{chunk_size}")
-  if q.shape[-1] % 64 or v.shape[-1] % 64:
-    raise ValueError(f"linear_attention: the Mosaic GPU kernel takes head dims that are "
-                     f"multiples of 64; got {q.shape[-1]} and {v.shape[-1]}")
+  """The Mosaic GPU kernels, forward and backward. bf16/fp16 inputs (fp32 inputs run with bf16
+  operands), head dims 64 or 128, chunk 64. interpret=plgpu.InterpretGPUParams() runs them on
+  the CPU."""
+  if chunk_size != CHUNK:
+    raise ValueError(f"linear_attention: the Mosaic GPU kernel takes chunk_size {CHUNK} (the "
+                     f"backward's tiles at 128 overflow shared memory); got {chunk_size}")
+  if q.shape[-1] not in (64, 128) or v.shape[-1] not in (64, 128):
+    raise ValueError(f"linear_attention: the Mosaic GPU kernel takes head dims 64 or 128; got "
+                     f"{q.shape[-1]} and {v.shape[-1]}")
   out_dtype = q.dtype
   if q.dtype == jnp.float32:
     q, k, v = (x.astype(jnp.bfloat16) for x in (q, k, v))
