@@ -236,7 +236,7 @@ def main(argv=None) -> int:
     from pallas_kernels import MoBA, SlidingWindow, sparse_attention
     from pallas_kernels.sparse.api import kernel_for
     window_impl = "pallas" if kernel_for("pallas") is not None else "auto"
-    moba_impl = "pallas" if jax.default_backend() == "tpu" else "auto"
+    moba_impl = window_impl
     impls = {
         f"ours sliding window 1024 ({window_impl})": functools.partial(
             sparse_attention, pattern=SlidingWindow(1024), impl=window_impl),

@@ -80,6 +80,15 @@ def test_mosaic_gpu_linear_kernels_match_the_reference(normalize):
     np.testing.assert_allclose(a.astype(jnp.float32), b, atol=3e-2 * scale)
 
 
+def test_mosaic_gpu_moba_matches_the_reference():
+  from pallas_kernels import MoBA
+  q, k, v = _qkv(t=1500)
+  got = sparse_attention(q, k, v, pattern=MoBA(256, 3), impl="pallas")
+  want = sparse_attention(*(x.astype(jnp.float32) for x in (q, k, v)), pattern=MoBA(256, 3),
+                          impl="reference")
+  np.testing.assert_allclose(got.astype(jnp.float32), want, atol=3e-2)
+
+
 def test_linear_and_sparse_jnp_paths_run_on_gpu():
   q, k, v = _qkv(t=512)
   out = linear_attention(q, k, v, decay=-jnp.ones((8,)) * 0.05)

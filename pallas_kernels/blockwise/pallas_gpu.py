@@ -66,6 +66,16 @@ def _q_range(k0, *, bq, bk, nq, causal, window):
   return first, end
 
 
+def _split(rest, ranges):
+  """(the ranges ref or None, the remaining kernel refs)."""
+  return (rest[0], rest[1:]) if ranges is not None else (None, rest)
+
+
+def _seg_ref(seg_gmem, bi, h):
+  """A query segment-id row: seg [B, T] (shared by the heads) or [B, Hq, T] (per head)."""
+  return seg_gmem.at[bi, h] if len(seg_gmem.shape) == 3 else seg_gmem.at[bi]
+
+
 def _tile_mask(q_pos, k_pos, q_seg, k_seg, *, s_len, causal, window):
   keep = (k_pos < s_len) & (q_seg == k_seg)
   if causal:
@@ -75,8 +85,10 @@ def _tile_mask(q_pos, k_pos, q_seg, k_seg, *, s_len, causal, window):
   return keep
 
 
-def _forward(q, k, v, q_seg, k_seg, *, causal, window, scale, s_len, bq, bk, stages, interpret,
-             p_in_smem):
+def _forward(q, k, v, q_seg, k_seg, ranges=None, *, causal, window, scale, s_len, bq, bk, stages,
+             interpret, p_in_smem):
+  """ranges [B, Hq, nq, 2] (optional): each query tile's [first, end) key blocks, instead of the
+  causal / window formula; q_seg may then be per head, [B, Hq, Tp]."""
   b, tp, hq, d = q.shape
   sp, hkv = k.shape[1], k.shape[2]
   group = hq // hkv
@@ -85,17 +97,20 @@ def _forward(q, k, v, q_seg, k_seg, *, causal, window, scale, s_len, bq, bk, sta
   wg = plgpu.Layout.WGMMA
   transforms = _smem_transforms(dtype)
 
-  def kernel(q_gmem, k_gmem, v_gmem, qseg_gmem, kseg_gmem, o_gmem, lse_gmem, q_smem, lse_smem,
-             barrier, p_smem=None):
+  def kernel(q_gmem, k_gmem, v_gmem, qseg_gmem, kseg_gmem, *rest):
+    ranges_gmem, (o_gmem, lse_gmem, q_smem, lse_smem, barrier, *p_smem) = _split(rest, ranges)
+    p_smem = p_smem[0] if p_smem else None
     qi, h, bi = (jax.lax.axis_index(n) for n in ("q", "h", "b"))
     kvh = h // group
     q0 = qi * bq
     plgpu.copy_gmem_to_smem(q_gmem.at[bi, pl.ds(q0, bq), h], q_smem, barrier)
     plgpu.barrier_wait(barrier)
-    q_seg_rows = plgpu.load(qseg_gmem.at[bi, pl.ds(q0, bq)], layout=wg.reduce(1),
+    q_seg_rows = plgpu.load(_seg_ref(qseg_gmem, bi, h).at[pl.ds(q0, bq)], layout=wg.reduce(1),
                             optimized=False)
-
-    first, end = _kv_range(q0, bq=bq, bk=bk, nk=nk, causal=causal, window=window)
+    if ranges_gmem is None:
+      first, end = _kv_range(q0, bq=bq, bk=bk, nk=nk, causal=causal, window=window)
+    else:
+      first, end = ranges_gmem[bi, h, qi, 0], ranges_gmem[bi, h, qi, 1]
 
     def body(idx, k_smem, v_smem, carry):
       acc, m_i, l_i = carry
@@ -162,7 +177,7 @@ def _forward(q, k, v, q_seg, k_seg, *, causal, window, scale, s_len, bq, bk, sta
                      plgpu.Barrier())
       + ((plgpu.SMEM((bq, bk), dtype, transforms=_smem_transforms(dtype)),) if p_in_smem else ()),
       interpret=interpret or False)
-  return call(q, k, v, q_seg, k_seg)
+  return call(q, k, v, q_seg, k_seg, *(() if ranges is None else (ranges,)))
 
 
 def _matmul(lhs, rhs_smem, shape, staging, dtype):
@@ -190,8 +205,8 @@ def _smem_product(a_smem, b_smem_t, shape):
   return pl.run_scoped(run, plgpu.ACC(shape, jnp.float32))
 
 
-def _dq(q, k, v, do, lse, delta, q_seg, k_seg, *, causal, window, scale, s_len, bq, bk, stages,
-        interpret, stage_in_smem):
+def _dq(q, k, v, do, lse, delta, q_seg, k_seg, ranges=None, *, causal, window, scale, s_len, bq,
+        bk, stages, interpret, stage_in_smem):
   b, tp, hq, d = q.shape
   sp, hkv = k.shape[1], k.shape[2]
   group = hq // hkv
@@ -200,8 +215,9 @@ def _dq(q, k, v, do, lse, delta, q_seg, k_seg, *, causal, window, scale, s_len, 
   wg = plgpu.Layout.WGMMA
   transforms = _smem_transforms(dtype)
 
-  def kernel(q_gmem, k_gmem, v_gmem, do_gmem, lse_gmem, delta_gmem, qseg_gmem, kseg_gmem,
-             dq_gmem, q_smem, do_smem, barrier, ds_smem=None):
+  def kernel(q_gmem, k_gmem, v_gmem, do_gmem, lse_gmem, delta_gmem, qseg_gmem, kseg_gmem, *rest):
+    ranges_gmem, (dq_gmem, q_smem, do_smem, barrier, *ds_smem) = _split(rest, ranges)
+    ds_smem = ds_smem[0] if ds_smem else None
     qi, h, bi = (jax.lax.axis_index(n) for n in ("q", "h", "b"))
     kvh = h // group
     q0 = qi * bq
@@ -212,10 +228,12 @@ def _dq(q, k, v, do, lse, delta, q_seg, k_seg, *, causal, window, scale, s_len, 
     rows = lambda ref: plgpu.load(ref.at[bi, h, pl.ds(q0, bq)], layout=wg.reduce(1),
                                   optimized=False)
     lse_rows, delta_rows = rows(lse_gmem), rows(delta_gmem)
-    q_seg_rows = plgpu.load(qseg_gmem.at[bi, pl.ds(q0, bq)], layout=wg.reduce(1),
+    q_seg_rows = plgpu.load(_seg_ref(qseg_gmem, bi, h).at[pl.ds(q0, bq)], layout=wg.reduce(1),
                             optimized=False)
-
-    first, end = _kv_range(q0, bq=bq, bk=bk, nk=nk, causal=causal, window=window)
+    if ranges_gmem is None:
+      first, end = _kv_range(q0, bq=bq, bk=bk, nk=nk, causal=causal, window=window)
+    else:
+      first, end = ranges_gmem[bi, h, qi, 0], ranges_gmem[bi, h, qi, 1]
 
     def body(idx, k_smem, v_smem, acc):
       ki = idx[0] + first
@@ -249,11 +267,12 @@ def _dq(q, k, v, do, lse, delta, q_seg, k_seg, *, causal, window, scale, s_len, 
   return plgpu.kernel(kernel, out_type=jax.ShapeDtypeStruct(q.shape, dtype),
                       grid=(tp // bq, hq, b), grid_names=("q", "h", "b"),
                       scratch_types=scratch, interpret=interpret or False)(
-                          q, k, v, do, lse, delta, q_seg, k_seg)
+                          q, k, v, do, lse, delta, q_seg, k_seg,
+                          *(() if ranges is None else (ranges,)))
 
 
-def _dkv(q, k, v, do, lse, delta, q_seg, k_seg, *, causal, window, scale, s_len, bq, bk, stages,
-         interpret, stage_in_smem):
+def _dkv(q, k, v, do, lse, delta, q_seg, k_seg, ranges=None, *, causal, window, scale, s_len, bq,
+         bk, stages, interpret, stage_in_smem):
   """dk, dv per query head ([B, S, Hq, D] in the input dtype, written through the k and v
   tiles' shared memory once they are done); the caller sums each group in fp32."""
   b, tp, hq, d = q.shape
@@ -264,8 +283,9 @@ def _dkv(q, k, v, do, lse, delta, q_seg, k_seg, *, causal, window, scale, s_len,
   wg = plgpu.Layout.WGMMA
   transforms = _smem_transforms(dtype)
 
-  def kernel(q_gmem, k_gmem, v_gmem, do_gmem, lse_gmem, delta_gmem, qseg_gmem, kseg_gmem,
-             dk_gmem, dv_gmem, k_smem, v_smem, barrier, stage_smem=None):
+  def kernel(q_gmem, k_gmem, v_gmem, do_gmem, lse_gmem, delta_gmem, qseg_gmem, kseg_gmem, *rest):
+    ranges_gmem, (dk_gmem, dv_gmem, k_smem, v_smem, barrier, *stage_smem) = _split(rest, ranges)
+    stage_smem = stage_smem[0] if stage_smem else None
     ki, h, bi = (jax.lax.axis_index(n) for n in ("k", "h", "b"))
     kvh = h // group
     k0 = ki * bk
@@ -275,7 +295,10 @@ def _dkv(q, k, v, do, lse, delta, q_seg, k_seg, *, causal, window, scale, s_len,
     plgpu.barrier_wait(barrier)
     k_seg_rows = plgpu.load(kseg_gmem.at[bi, pl.ds(k0, bk)], layout=wg.reduce(1),
                             optimized=False)
-    q_first, q_end = _q_range(k0, bq=bq, bk=bk, nq=nq, causal=causal, window=window)
+    if ranges_gmem is None:
+      q_first, q_end = _q_range(k0, bq=bq, bk=bk, nq=nq, causal=causal, window=window)
+    else:
+      q_first, q_end = ranges_gmem[bi, h, ki, 0], ranges_gmem[bi, h, ki, 1]
 
     def body(idx, q_smem, do_smem, carry):
       dk, dv = carry
@@ -286,8 +309,8 @@ def _dkv(q, k, v, do, lse, delta, q_seg, k_seg, *, causal, window, scale, s_len,
       s_t = _smem_product(k_smem, q_smem, (bk, bq)) * scale  # [keys, queries]
       k_pos = k0 + plgpu.broadcasted_iota(jnp.int32, (bk, bq), 0, layout=wg)
       q_pos = qi * bq + plgpu.broadcasted_iota(jnp.int32, (bk, bq), 1, layout=wg)
-      q_seg_cols = plgpu.load(qseg_gmem.at[bi, pl.ds(qi * bq, bq)], layout=wg.reduce(0),
-                              optimized=False)
+      q_seg_cols = plgpu.load(_seg_ref(qseg_gmem, bi, h).at[pl.ds(qi * bq, bq)],
+                              layout=wg.reduce(0), optimized=False)
       keep = _tile_mask(q_pos, k_pos, jax.lax.broadcast_in_dim(q_seg_cols, (bk, bq), [1]),
                         jax.lax.broadcast_in_dim(k_seg_rows, (bk, bq), [0]), s_len=s_len,
                         causal=causal, window=window)
@@ -317,7 +340,8 @@ def _dkv(q, k, v, do, lse, delta, q_seg, k_seg, *, causal, window, scale, s_len,
   out = jax.ShapeDtypeStruct((b, sp, hq, d), dtype)
   return plgpu.kernel(kernel, out_type=(out, out), grid=(sp // bk, hq, b),
                       grid_names=("k", "h", "b"), scratch_types=scratch,
-                      interpret=interpret or False)(q, k, v, do, lse, delta, q_seg, k_seg)
+                      interpret=interpret or False)(q, k, v, do, lse, delta, q_seg, k_seg,
+                                                    *(() if ranges is None else (ranges,)))
 
 
 class _Config:
@@ -332,40 +356,51 @@ class _Config:
     return isinstance(other, _Config) and self.key == other.key
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _flash_gpu(q, k, v, segment_ids, cfg):
-  return _flash_gpu_fwd(q, k, v, segment_ids, cfg)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _flash_gpu(q, k, v, segment_ids, tables, cfg):
+  """(out [B, T, Hq, D], lse [B, Hq, T]). tables: None, or a dict of int32 arrays that replace
+  the causal / window block ranges: kv_ranges [B, Hq, nq, 2] (each query tile's key blocks),
+  q_ranges [B, Hq, nk, 2] (each key tile's query blocks), and optionally q_seg [B, Hq, T] and
+  k_seg [B, S] (then T and S must already be multiples of the tiles; MoBA's routed part)."""
+  return _flash_gpu_fwd(q, k, v, segment_ids, tables, cfg)[0]
 
 
-def _flash_gpu_fwd(q, k, v, segment_ids, cfg):
+def _operands(q, k, v, segment_ids, tables, kw):
+  if tables is not None and "q_seg" in tables:
+    return q, k, v, tables["q_seg"], tables["k_seg"]
+  return pad_for_tiles(q, k, v, segment_ids, kw["bq"], kw["bk"])
+
+
+def _flash_gpu_fwd(q, k, v, segment_ids, tables, cfg):
   kw = cfg.kw
   t = q.shape[1]
-  qp, kp, vp, q_seg, k_seg = pad_for_tiles(q, k, v, segment_ids, kw["bq"], kw["bk"])
-  o, lse = _forward(qp, kp, vp, q_seg, k_seg, causal=kw["causal"], window=kw["window"],
-                    scale=kw["scale"],
-                    s_len=k.shape[1], bq=kw["bq"], bk=kw["bk"], stages=kw["stages"],
+  qp, kp, vp, q_seg, k_seg = _operands(q, k, v, segment_ids, tables, kw)
+  o, lse = _forward(qp, kp, vp, q_seg, k_seg, None if tables is None else tables["kv_ranges"],
+                    causal=kw["causal"], window=kw["window"], scale=kw["scale"],
+                    s_len=kw["s_len"], bq=kw["bq"], bk=kw["bk"], stages=kw["stages"],
                     interpret=kw["interpret"], p_in_smem=kw["stage_in_smem"])
-  return (o[:, :t], lse[:, :, :t]), (qp, kp, vp, q_seg, k_seg, o, lse, t)
+  return (o[:, :t], lse[:, :, :t]), (qp, kp, vp, q_seg, k_seg, tables, o, lse, t, k.shape[1])
 
 
 def _flash_gpu_bwd(cfg, res, cotangents):
   kw = cfg.kw
-  qp, kp, vp, q_seg, k_seg, o, lse, t = res
+  qp, kp, vp, q_seg, k_seg, tables, o, lse, t, s = res
   do, dlse = cotangents
   b, tp, hq, d = qp.shape
-  s, hkv = kw["s_len"], kp.shape[2]
+  hkv = kp.shape[2]
   do_p = jnp.pad(do, ((0, 0), (0, tp - t), (0, 0), (0, 0))).astype(qp.dtype)
   delta = jnp.einsum("bthd,bthd->bht", do_p.astype(jnp.float32), o.astype(jnp.float32))
   delta = delta - jnp.pad(dlse.astype(jnp.float32), ((0, 0), (0, 0), (0, tp - t)))
-  common = dict(causal=kw["causal"], window=kw["window"], scale=kw["scale"], s_len=s, bq=kw["bq"], bk=kw["bk"],
-                stages=kw["stages"], interpret=kw["interpret"],
+  common = dict(causal=kw["causal"], window=kw["window"], scale=kw["scale"], s_len=kw["s_len"],
+                bq=kw["bq"], bk=kw["bk"], stages=kw["stages"], interpret=kw["interpret"],
                 stage_in_smem=kw["stage_in_smem"])
   args = (qp, kp, vp, do_p, lse, delta, q_seg, k_seg)
-  dq = _dq(*args, **common)
-  dk, dv = _dkv(*args, **common)
+  dq = _dq(*args, None if tables is None else tables["kv_ranges"], **common)
+  dk, dv = _dkv(*args, None if tables is None else tables["q_ranges"], **common)
   fold = lambda x: x.astype(jnp.float32).reshape(b, -1, hkv, hq // hkv, d).sum(axis=3)[
       :, :s].astype(kp.dtype)
-  return dq[:, :t], fold(dk), fold(dv), None
+  no_grad = None if tables is None else jax.tree.map(lambda _: None, tables)
+  return dq[:, :t], fold(dk), fold(dv), None, no_grad
 
 
 _flash_gpu.defvjp(_flash_gpu_fwd, _flash_gpu_bwd)
@@ -407,4 +442,4 @@ def flash_attention_gpu(q, k, v, *, causal=True, segment_ids=None, sm_scale=None
   cfg = _Config(causal=causal, window=window, scale=d ** -0.5 if sm_scale is None else float(sm_scale),
                 s_len=k.shape[1], bq=block_q, bk=block_k, stages=stages, interpret=interpret,
                 stage_in_smem=bool(interpret) if stage_in_smem is None else stage_in_smem)
-  return _flash_gpu(q, k, v, segment_ids, cfg)[0]
+  return _flash_gpu(q, k, v, segment_ids, None, cfg)[0]

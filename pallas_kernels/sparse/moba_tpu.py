@@ -52,8 +52,9 @@ def gather_plan(routes_BTHP, num_blocks: int, bq: int):
 
   Returns dest [B, H, T, P] (row in the buffer; n_rows where the route is -1), token
   [B, H, n_rows] (source token per row, -1 for padding), tile_block [B, H, W] (key block of
-  work tile w) and tile_work [B, H, W] (1 if the tile has rows). n_rows = W * bq with W the
-  static bound floor(T * P / bq) + num_blocks on the tiles any routing can need.
+  work tile w), tile_work [B, H, W] (1 if the tile has rows) and group_tiles [B, H, nb, 2] (the
+  work tiles [first, end) of each block's queries). n_rows = W * bq with W the static bound
+  floor(T * P / bq) + num_blocks on the tiles any routing can need.
   """
   b, t, h, p = routes_BTHP.shape
   n_tiles = (t * p) // bq + num_blocks
@@ -85,7 +86,8 @@ def gather_plan(routes_BTHP, num_blocks: int, bq: int):
   # Tiles past the last group repeat the last block that has rows (no new copy, no zeroing).
   last = jnp.max(jnp.where(counts > 0, jnp.arange(num_blocks), 0), axis=-1, keepdims=True)
   tile_block = jnp.where(tile_work == 1, tile_block, last).astype(jnp.int32)
-  return dest.reshape(b, h, t, p).astype(jnp.int32), token, tile_block, tile_work
+  group_tiles = (jnp.stack([offsets, ends], axis=-1) // bq).astype(jnp.int32)
+  return dest.reshape(b, h, t, p).astype(jnp.int32), token, tile_block, tile_work, group_tiles
 
 
 def cdiv_array(a, b: int):
@@ -279,7 +281,7 @@ def moba_gathered_tpu(q, k, v, *, pattern, segment_ids=None, sm_scale=None, inte
   routes = moba_routing(q, k, block_size=bm, top_k=pattern.top_k, segment_ids=segment_ids)
   if routes.shape[-1] == 0:  # top_k 1: the own block is everything
     return o_own
-  dest, token, tile_block, tile_work = gather_plan(routes, nb, bq)
+  dest, token, tile_block, tile_work, _ = gather_plan(routes, nb, bq)
   seg = jnp.zeros((b, t), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
   q_bhtd = q.transpose(0, 2, 1, 3)
   safe = jnp.maximum(token, 0)
@@ -290,19 +292,26 @@ def moba_gathered_tpu(q, k, v, *, pattern, segment_ids=None, sm_scale=None, inte
   kseg = jnp.pad(seg, ((0, 0), (0, pad)), constant_values=-2)[..., None]
   cfg = _RoutedConfig(bq=bq, block=bm, scale=scale, interpret=interpret)
   og, lseg = _routed(qg, to_bhtd(k), to_bhtd(v), qseg, kseg, (tile_block, tile_work), cfg)
-  # Back to (token, route) pairs; routes of -1 read a dummy row and are weighted out.
+  return merge_parts(o_own, lse_own, og, lseg, dest, routes)
+
+
+def merge_parts(o_own, lse_own, og, lseg, dest, routes):
+  """Softmax over the union of the own block and the routed blocks, from each part's output and
+  log-sum-exp: o_own [B, T, Hq, D], lse_own [B, Hq, T], og [B, Hq, N, D] and lseg [B, Hq, N]
+  (the gathered rows), dest [B, Hq, T, P] (each pair's row), routes [B, T, Hq, P] (-1: none).
+  Routes of -1 read a dummy row and are weighted out."""
+  b, t, hq, d = o_own.shape
   valid = jnp.moveaxis(routes, 2, 1) >= 0  # [B, Hq, T, P]
   rows = jnp.minimum(dest, og.shape[2] - 1).reshape(b, hq, -1)
   o_pairs = jnp.take_along_axis(og, rows[..., None], axis=2).reshape(b, hq, t, -1, d)
   lse_pairs = jnp.take_along_axis(lseg, rows, axis=2).reshape(b, hq, t, -1)
   lse_pairs = jnp.where(valid, lse_pairs, -jnp.inf)
-  # Merge the parts: softmax over the union = parts weighted by exp(lse_part - lse_total).
   lse_all = jnp.concatenate([lse_own[..., None], lse_pairs], axis=-1)  # [B, Hq, T, P+1]
   weights = jax.nn.softmax(lse_all, axis=-1)
   o_all = jnp.concatenate([o_own.transpose(0, 2, 1, 3)[..., None, :].astype(jnp.float32),
                            o_pairs.astype(jnp.float32)], axis=-2)  # [B, Hq, T, P+1, D]
   out = jnp.sum(weights[..., None] * o_all, axis=-2)
-  return out.transpose(0, 2, 1, 3).astype(q.dtype)
+  return out.transpose(0, 2, 1, 3).astype(o_own.dtype)
 
 
 def moba_work_tiles(q, k, pattern, *, segment_ids=None, bq=DEFAULT_BLOCK):
@@ -312,5 +321,5 @@ def moba_work_tiles(q, k, pattern, *, segment_ids=None, bq=DEFAULT_BLOCK):
                         segment_ids=segment_ids)
   if routes.shape[-1] == 0:
     return 0, 0
-  _, _, _, work = gather_plan(routes, cdiv(q.shape[1], pattern.block_size), bq)
+  _, _, _, work, _ = gather_plan(routes, cdiv(q.shape[1], pattern.block_size), bq)
   return int(jax.device_get(jnp.sum(work))), int(work.size)
