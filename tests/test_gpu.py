@@ -89,6 +89,16 @@ def test_mosaic_gpu_moba_matches_the_reference():
   np.testing.assert_allclose(got.astype(jnp.float32), want, atol=3e-2)
 
 
+def test_mosaic_gpu_block_mask_matches_the_reference():
+  from pallas_kernels import BlockMask, block_mask
+  q, k, v = _qkv(t=1024)
+  pattern = BlockMask(128, block_mask(8, local=2, global_blocks=1, stride=3))
+  got = sparse_attention(q, k, v, pattern=pattern, impl="pallas")
+  want = sparse_attention(*(x.astype(jnp.float32) for x in (q, k, v)), pattern=pattern,
+                          impl="reference")
+  np.testing.assert_allclose(got.astype(jnp.float32), want, atol=3e-2)
+
+
 def test_linear_and_sparse_jnp_paths_run_on_gpu():
   q, k, v = _qkv(t=512)
   out = linear_attention(q, k, v, decay=-jnp.ones((8,)) * 0.05)

@@ -66,6 +66,19 @@ def _q_range(k0, *, bq, bk, nq, causal, window):
   return first, end
 
 
+def _visits(table, lists, bi, h, i, formula):
+  """(steps, block_at): how many blocks tile i visits and the j-th one. table: None (use
+  formula() -> (first, end)), ranges [B, Hq, n, 2] ([first, end)), or when lists, block lists
+  [B, Hq, n, 1 + n_max] (column 0 the count, then the blocks)."""
+  if table is None:
+    first, end = formula()
+  elif not lists:
+    first, end = table[bi, h, i, 0], table[bi, h, i, 1]
+  else:
+    return table[bi, h, i, 0], lambda j: table[bi, h, i, 1 + j]
+  return end - first, lambda j: first + j
+
+
 def _split(rest, ranges):
   """(the ranges ref or None, the remaining kernel refs)."""
   return (rest[0], rest[1:]) if ranges is not None else (None, rest)
@@ -86,7 +99,7 @@ def _tile_mask(q_pos, k_pos, q_seg, k_seg, *, s_len, causal, window):
 
 
 def _forward(q, k, v, q_seg, k_seg, ranges=None, *, causal, window, scale, s_len, bq, bk, stages,
-             interpret, p_in_smem):
+             interpret, p_in_smem, lists=False):
   """ranges [B, Hq, nq, 2] (optional): each query tile's [first, end) key blocks, instead of the
   causal / window formula; q_seg may then be per head, [B, Hq, Tp]."""
   b, tp, hq, d = q.shape
@@ -107,14 +120,12 @@ def _forward(q, k, v, q_seg, k_seg, ranges=None, *, causal, window, scale, s_len
     plgpu.barrier_wait(barrier)
     q_seg_rows = plgpu.load(_seg_ref(qseg_gmem, bi, h).at[pl.ds(q0, bq)], layout=wg.reduce(1),
                             optimized=False)
-    if ranges_gmem is None:
-      first, end = _kv_range(q0, bq=bq, bk=bk, nk=nk, causal=causal, window=window)
-    else:
-      first, end = ranges_gmem[bi, h, qi, 0], ranges_gmem[bi, h, qi, 1]
+    steps, block_at = _visits(ranges_gmem, lists, bi, h, qi, lambda: _kv_range(
+        q0, bq=bq, bk=bk, nk=nk, causal=causal, window=window))
 
     def body(idx, k_smem, v_smem, carry):
       acc, m_i, l_i = carry
-      ki = idx[0] + first
+      ki = block_at(idx[0])
 
       def qk(acc_ref):
         plgpu.wgmma(acc_ref, q_smem, k_smem.T)
@@ -149,12 +160,12 @@ def _forward(q, k, v, q_seg, k_seg, ranges=None, *, causal, window, scale, s_len
              + pl.run_scoped(pv, plgpu.ACC((bq, d), jnp.float32)))
       return acc, m_new, l_i
 
-    spec = plgpu.BlockSpec((bk, d), lambda j: (j + first, 0), transforms=transforms)
+    spec = plgpu.BlockSpec((bk, d), lambda j: (block_at(j), 0), transforms=transforms)
     init = (plgpu.layout_cast(jnp.zeros((bq, d), jnp.float32), wg),
             plgpu.layout_cast(jnp.full((bq,), MASK_VALUE, jnp.float32), wg.reduce(1)),
             plgpu.layout_cast(jnp.zeros((bq,), jnp.float32), wg.reduce(1)))
     acc, m_i, l_i = plgpu.emit_pipeline(
-        body, grid=(end - first,), in_specs=[spec, spec], max_concurrent_steps=stages,
+        body, grid=(steps,), in_specs=[spec, spec], max_concurrent_steps=stages,
         init_carry=init)(k_gmem.at[bi, :, kvh], v_gmem.at[bi, :, kvh])
 
     empty = l_i == 0.0
@@ -206,7 +217,7 @@ def _smem_product(a_smem, b_smem_t, shape):
 
 
 def _dq(q, k, v, do, lse, delta, q_seg, k_seg, ranges=None, *, causal, window, scale, s_len, bq,
-        bk, stages, interpret, stage_in_smem):
+        bk, stages, interpret, stage_in_smem, lists=False):
   b, tp, hq, d = q.shape
   sp, hkv = k.shape[1], k.shape[2]
   group = hq // hkv
@@ -230,13 +241,11 @@ def _dq(q, k, v, do, lse, delta, q_seg, k_seg, ranges=None, *, causal, window, s
     lse_rows, delta_rows = rows(lse_gmem), rows(delta_gmem)
     q_seg_rows = plgpu.load(_seg_ref(qseg_gmem, bi, h).at[pl.ds(q0, bq)], layout=wg.reduce(1),
                             optimized=False)
-    if ranges_gmem is None:
-      first, end = _kv_range(q0, bq=bq, bk=bk, nk=nk, causal=causal, window=window)
-    else:
-      first, end = ranges_gmem[bi, h, qi, 0], ranges_gmem[bi, h, qi, 1]
+    steps, block_at = _visits(ranges_gmem, lists, bi, h, qi, lambda: _kv_range(
+        q0, bq=bq, bk=bk, nk=nk, causal=causal, window=window))
 
     def body(idx, k_smem, v_smem, acc):
-      ki = idx[0] + first
+      ki = block_at(idx[0])
       s = _smem_product(q_smem, k_smem, (bq, bk)) * scale
       q_pos = q0 + plgpu.broadcasted_iota(jnp.int32, (bq, bk), 0, layout=wg)
       k_pos = ki * bk + plgpu.broadcasted_iota(jnp.int32, (bq, bk), 1, layout=wg)
@@ -250,9 +259,9 @@ def _dq(q, k, v, do, lse, delta, q_seg, k_seg, ranges=None, *, causal, window, s
       ds = p * (dp - jax.lax.broadcast_in_dim(delta_rows, (bq, bk), [0]))
       return acc + _matmul(ds, k_smem, (bq, d), ds_smem, dtype)
 
-    spec = plgpu.BlockSpec((bk, d), lambda j: (j + first, 0), transforms=transforms)
+    spec = plgpu.BlockSpec((bk, d), lambda j: (block_at(j), 0), transforms=transforms)
     acc = plgpu.emit_pipeline(
-        body, grid=(end - first,), in_specs=[spec, spec], max_concurrent_steps=stages,
+        body, grid=(steps,), in_specs=[spec, spec], max_concurrent_steps=stages,
         init_carry=plgpu.layout_cast(jnp.zeros((bq, d), jnp.float32), wg))(
             k_gmem.at[bi, :, kvh], v_gmem.at[bi, :, kvh])
     q_smem[...] = (acc * scale).astype(dtype)
@@ -272,7 +281,7 @@ def _dq(q, k, v, do, lse, delta, q_seg, k_seg, ranges=None, *, causal, window, s
 
 
 def _dkv(q, k, v, do, lse, delta, q_seg, k_seg, ranges=None, *, causal, window, scale, s_len, bq,
-         bk, stages, interpret, stage_in_smem):
+         bk, stages, interpret, stage_in_smem, lists=False):
   """dk, dv per query head ([B, S, Hq, D] in the input dtype, written through the k and v
   tiles' shared memory once they are done); the caller sums each group in fp32."""
   b, tp, hq, d = q.shape
@@ -295,14 +304,12 @@ def _dkv(q, k, v, do, lse, delta, q_seg, k_seg, ranges=None, *, causal, window, 
     plgpu.barrier_wait(barrier)
     k_seg_rows = plgpu.load(kseg_gmem.at[bi, pl.ds(k0, bk)], layout=wg.reduce(1),
                             optimized=False)
-    if ranges_gmem is None:
-      q_first, q_end = _q_range(k0, bq=bq, bk=bk, nq=nq, causal=causal, window=window)
-    else:
-      q_first, q_end = ranges_gmem[bi, h, ki, 0], ranges_gmem[bi, h, ki, 1]
+    steps, block_at = _visits(ranges_gmem, lists, bi, h, ki, lambda: _q_range(
+        k0, bq=bq, bk=bk, nq=nq, causal=causal, window=window))
 
     def body(idx, q_smem, do_smem, carry):
       dk, dv = carry
-      qi = idx[0] + q_first
+      qi = block_at(idx[0])
       cols = lambda ref: jax.lax.broadcast_in_dim(
           plgpu.load(ref.at[bi, h, pl.ds(qi * bq, bq)], layout=wg.reduce(0), optimized=False),
           (bk, bq), [1])
@@ -321,10 +328,10 @@ def _dkv(q, k, v, do, lse, delta, q_seg, k_seg, ranges=None, *, causal, window, 
       dk = dk + _matmul(ds_t, q_smem, (bk, d), stage_smem, dtype)
       return dk, dv
 
-    spec = plgpu.BlockSpec((bq, d), lambda j: (j + q_first, 0), transforms=transforms)
+    spec = plgpu.BlockSpec((bq, d), lambda j: (block_at(j), 0), transforms=transforms)
     zeros = plgpu.layout_cast(jnp.zeros((bk, d), jnp.float32), wg)
     dk, dv = plgpu.emit_pipeline(
-        body, grid=(q_end - q_first,), in_specs=[spec, spec], max_concurrent_steps=stages,
+        body, grid=(steps,), in_specs=[spec, spec], max_concurrent_steps=stages,
         init_carry=(zeros, zeros))(q_gmem.at[bi, :, h], do_gmem.at[bi, :, h])
     k_smem[...] = (dk * scale).astype(dtype)
     v_smem[...] = dv.astype(dtype)
@@ -359,10 +366,20 @@ class _Config:
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def _flash_gpu(q, k, v, segment_ids, tables, cfg):
   """(out [B, T, Hq, D], lse [B, Hq, T]). tables: None, or a dict of int32 arrays that replace
-  the causal / window block ranges: kv_ranges [B, Hq, nq, 2] (each query tile's key blocks),
-  q_ranges [B, Hq, nk, 2] (each key tile's query blocks), and optionally q_seg [B, Hq, T] and
+  the causal / window block ranges: kv_ranges [B, Hq, nq, 2] (each query tile's key blocks)
+  and q_ranges [B, Hq, nk, 2] (each key tile's query blocks), or block lists kv_lists
+  [B, Hq, nq, 1 + n_max] and q_lists (count, then blocks); and optionally q_seg [B, Hq, T] and
   k_seg [B, S] (then T and S must already be multiples of the tiles; MoBA's routed part)."""
   return _flash_gpu_fwd(q, k, v, segment_ids, tables, cfg)[0]
+
+
+def _tables(tables):
+  """(table for the query-major kernels, table for dk/dv, whether they are block lists)."""
+  if tables is None:
+    return None, None, False
+  if "kv_lists" in tables:
+    return tables["kv_lists"], tables["q_lists"], True
+  return tables["kv_ranges"], tables["q_ranges"], False
 
 
 def _operands(q, k, v, segment_ids, tables, kw):
@@ -375,10 +392,11 @@ def _flash_gpu_fwd(q, k, v, segment_ids, tables, cfg):
   kw = cfg.kw
   t = q.shape[1]
   qp, kp, vp, q_seg, k_seg = _operands(q, k, v, segment_ids, tables, kw)
-  o, lse = _forward(qp, kp, vp, q_seg, k_seg, None if tables is None else tables["kv_ranges"],
-                    causal=kw["causal"], window=kw["window"], scale=kw["scale"],
-                    s_len=kw["s_len"], bq=kw["bq"], bk=kw["bk"], stages=kw["stages"],
-                    interpret=kw["interpret"], p_in_smem=kw["stage_in_smem"])
+  kv_table, _, lists = _tables(tables)
+  o, lse = _forward(qp, kp, vp, q_seg, k_seg, kv_table, causal=kw["causal"], window=kw["window"],
+                    scale=kw["scale"], s_len=kw["s_len"], bq=kw["bq"], bk=kw["bk"],
+                    stages=kw["stages"], interpret=kw["interpret"],
+                    p_in_smem=kw["stage_in_smem"], lists=lists)
   return (o[:, :t], lse[:, :, :t]), (qp, kp, vp, q_seg, k_seg, tables, o, lse, t, k.shape[1])
 
 
@@ -395,8 +413,9 @@ def _flash_gpu_bwd(cfg, res, cotangents):
                 bq=kw["bq"], bk=kw["bk"], stages=kw["stages"], interpret=kw["interpret"],
                 stage_in_smem=kw["stage_in_smem"])
   args = (qp, kp, vp, do_p, lse, delta, q_seg, k_seg)
-  dq = _dq(*args, None if tables is None else tables["kv_ranges"], **common)
-  dk, dv = _dkv(*args, None if tables is None else tables["q_ranges"], **common)
+  kv_table, q_table, lists = _tables(tables)
+  dq = _dq(*args, kv_table, lists=lists, **common)
+  dk, dv = _dkv(*args, q_table, lists=lists, **common)
   fold = lambda x: x.astype(jnp.float32).reshape(b, -1, hkv, hq // hkv, d).sum(axis=3)[
       :, :s].astype(kp.dtype)
   no_grad = None if tables is None else jax.tree.map(lambda _: None, tables)
