@@ -100,8 +100,9 @@ def _tile_mask(q_pos, k_pos, q_seg, k_seg, *, s_len, causal, window):
 
 def _forward(q, k, v, q_seg, k_seg, ranges=None, *, causal, window, scale, s_len, bq, bk, stages,
              interpret, p_in_smem, lists=False):
-  """ranges [B, Hq, nq, 2] (optional): each query tile's [first, end) key blocks, instead of the
-  causal / window formula; q_seg may then be per head, [B, Hq, Tp]."""
+  """ranges (optional): a table of each query tile's key blocks instead of the causal / window
+  formula: [first, end) ranges [B, Hq, nq, 2], or with lists=True block lists
+  [B, Hq, nq, 1 + n_max] (count, then blocks). q_seg is [B, Tp], or per head [B, Hq, Tp]."""
   b, tp, hq, d = q.shape
   sp, hkv = k.shape[1], k.shape[2]
   group = hq // hkv
@@ -458,7 +459,8 @@ def flash_attention_gpu(q, k, v, *, causal=True, segment_ids=None, sm_scale=None
   d = q.shape[-1]
   if window is not None and (not isinstance(window, int) or window <= 0):
     raise ValueError(f"window={window!r} must be a positive int")
-  cfg = _Config(causal=causal, window=window, scale=d ** -0.5 if sm_scale is None else float(sm_scale),
+  scale = d ** -0.5 if sm_scale is None else float(sm_scale)
+  cfg = _Config(causal=causal, window=window, scale=scale,
                 s_len=k.shape[1], bq=block_q, bk=block_k, stages=stages, interpret=interpret,
                 stage_in_smem=bool(interpret) if stage_in_smem is None else stage_in_smem)
   return _flash_gpu(q, k, v, segment_ids, None, cfg)[0]

@@ -143,7 +143,8 @@ def _outputs(fq, fk, v, states, bcum, qs, seg, *, chunk, interpret, stage=None):
       cols2 = lambda x: jax.lax.broadcast_in_dim(x, shape, [1])
       row = plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=wg)
       col = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=wg)
-      keep = (col <= row) & (rows2(vec(seg_tok, wg.reduce(1))) == cols2(vec(seg_tok2, wg.reduce(0))))
+      same_segment = rows2(vec(seg_tok, wg.reduce(1))) == cols2(vec(seg_tok2, wg.reduce(0)))
+      keep = (col <= row) & same_segment
       diff = rows2(vec(b_tok, wg.reduce(1))) - cols2(vec(b_tok2, wg.reduce(0)))
       w = jnp.where(keep, jnp.exp(jnp.where(keep, diff, 0.0)), 0.0)
       a = _product(q_smem, k_smem.T, shape) * w
@@ -295,7 +296,8 @@ def _chunk_grads(fq, fk, v, dn, drows, states, dstates, bcum, qs, ks, seg, *, ch
       plgpu.copy_smem_to_gmem(out2_smem, dv_gmem.at[bi, pl.ds(t0, chunk), h])
     plgpu.wait_smem_to_gmem(0)
 
-  tiles = [plgpu.SMEM((chunk, d), dtype, transforms=tr), plgpu.SMEM((chunk, d), dtype, transforms=tr),
+  tiles = [plgpu.SMEM((chunk, d), dtype, transforms=tr),
+           plgpu.SMEM((chunk, d), dtype, transforms=tr),
            plgpu.SMEM((chunk, dv), dtype, transforms=tr),
            plgpu.SMEM((chunk, dv), dtype, transforms=tr),
            plgpu.SMEM((d, dv), dtype, transforms=tr),

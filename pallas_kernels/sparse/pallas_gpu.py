@@ -57,7 +57,8 @@ def _block_mask(q, k, v, pattern, *, causal, segment_ids, sm_scale, alibi_slopes
   _check(q, k, v, TILE, TILE)
   kv_lists, q_lists = tile_lists(pattern, t, s, causal)
   broadcast = lambda x: jnp.broadcast_to(jnp.asarray(x), (b, hq) + x.shape)
-  cfg = _Config(causal=causal, window=None, scale=d ** -0.5 if sm_scale is None else float(sm_scale),
+  scale = d ** -0.5 if sm_scale is None else float(sm_scale)
+  cfg = _Config(causal=causal, window=None, scale=scale,
                 s_len=s, bq=TILE, bk=TILE, stages=2, interpret=interpret,
                 stage_in_smem=bool(interpret))
   tables = {"kv_lists": broadcast(kv_lists), "q_lists": broadcast(q_lists)}
