@@ -31,7 +31,6 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels._common import cdiv
 from pallas_kernels.linear.pallas_tpu import _chunk_scalars
 from pallas_kernels.linear.reference import EPS, apply_feature_map, log_gates
 
