@@ -34,24 +34,26 @@ def inputs(seed, b, t, hq, hkv, d, segments, dtype=jnp.bfloat16):
   return mk(b, t, hq, d), mk(b, t, hkv, d), mk(b, t, hkv, d), seg, cot
 
 
-def check_against_reference(q, k, v, seg, cot, *, causal, window=None):
+def check_against_reference(q, k, v, seg, cot, *, causal, pattern=None):
+  """Asserts out, dq, dk, dv of the kernels (flash_attention_gpu, or sparse_flash_gpu for a
+  pattern) equal the fp32 reference's on the same (bf16-rounded) values."""
   interp = plgpu.InterpretGPUParams(uninitialized_memory="nan")
+  f32 = lambda x: x.astype(jnp.float32)
 
   def kernel(q, k, v):
-    if window is None:
+    if pattern is None:
       out = flash_attention_gpu(q, k, v, causal=causal, segment_ids=seg, interpret=interp)
     else:
-      out = sparse_flash_gpu(q, k, v, pattern=SlidingWindow(window), causal=causal,
-                             segment_ids=seg, interpret=interp)
-    return jnp.sum(out.astype(jnp.float32) * cot), out
+      out = sparse_flash_gpu(q, k, v, pattern=pattern, causal=causal, segment_ids=seg,
+                             interpret=interp)
+    return jnp.sum(f32(out) * cot), out
 
-  def reference(q, k, v):  # fp32 on the same (bf16-rounded) values
-    f32 = lambda x: x.astype(jnp.float32)
-    if window is None:
+  def reference(q, k, v):
+    if pattern is None:
       out = dense_attention(f32(q), f32(k), f32(v), causal=causal, segment_ids=seg)
     else:
-      out = sparse_reference(f32(q), f32(k), f32(v), pattern=SlidingWindow(window),
-                             causal=causal, segment_ids=seg)
+      out = sparse_reference(f32(q), f32(k), f32(v), pattern=pattern, causal=causal,
+                             segment_ids=seg)
     return jnp.sum(out * cot), out
 
   (_, o1), g1 = jax.value_and_grad(kernel, argnums=(0, 1, 2), has_aux=True)(q, k, v)
@@ -84,7 +86,7 @@ def test_head_dims(d):
                                              (1000, True, 90)])
 def test_sliding_window_below_and_above_the_block(window, causal, t):
   q, k, v, seg, cot = inputs(4, 1, t, 2, 1, 64, True)
-  check_against_reference(q, k, v, seg, cot, causal=causal, window=window)
+  check_against_reference(q, k, v, seg, cot, causal=causal, pattern=SlidingWindow(window))
 
 
 def visible_blocks(qi, n, bq, bk, causal, window):
@@ -116,23 +118,7 @@ def test_moba_matches_reference(t, block, top_k, segments):
   """MoBA on the GPU kernels: top_k 1 (own block only), below and above the number of blocks,
   ragged T; forward and gradients against the dense masked reference."""
   q, k, v, seg, cot = inputs(7, 1, t, 2, 1, 64, segments)
-  interp = plgpu.InterpretGPUParams(uninitialized_memory="nan")
-  pattern = sparse_api.MoBA(block, top_k)
-  f32 = lambda x: x.astype(jnp.float32)
-
-  def loss(fn, **kw):
-    def f(q, k, v):
-      out = fn(q, k, v, pattern=pattern, segment_ids=seg, **kw)
-      return jnp.sum(f32(out) * cot), out
-    return jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True)
-
-  (_, o1), g1 = loss(sparse_flash_gpu, interpret=interp)(q, k, v)
-  (_, o2), g2 = loss(sparse_reference)(f32(q), f32(k), f32(v))
-  for name, got, want in zip(("out", "dq", "dk", "dv"), (o1, *g1), (o2, *g2)):
-    got = np.asarray(f32(got))
-    assert np.all(np.isfinite(got)), name
-    scale = max(float(jnp.max(jnp.abs(want))), 1.0)
-    np.testing.assert_allclose(got, want, atol=BF16_RTOL * scale, err_msg=name)
+  check_against_reference(q, k, v, seg, cot, causal=True, pattern=sparse_api.MoBA(block, top_k))
 
 
 @pytest.mark.parametrize("t,causal,empty_row", [(300, True, False), (250, False, True)])
@@ -144,23 +130,8 @@ def test_block_mask_matches_reference(t, causal, empty_row):
   if empty_row:
     mask[1] = False
   q, k, v, seg, cot = inputs(8, 1, t, 2, 1, 64, True)
-  pattern = sparse_api.BlockMask(64, mask)
-  f32 = lambda x: x.astype(jnp.float32)
-  interp = plgpu.InterpretGPUParams(uninitialized_memory="nan")
-
-  def loss(fn, **kw):
-    def f(q, k, v):
-      out = fn(q, k, v, pattern=pattern, causal=causal, segment_ids=seg, **kw)
-      return jnp.sum(f32(out) * cot), out
-    return jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True)
-
-  (_, o1), g1 = loss(sparse_flash_gpu, interpret=interp)(q, k, v)
-  (_, o2), g2 = loss(sparse_reference)(f32(q), f32(k), f32(v))
-  for name, got, want in zip(("out", "dq", "dk", "dv"), (o1, *g1), (o2, *g2)):
-    got = np.asarray(f32(got))
-    assert np.all(np.isfinite(got)), name
-    scale = max(float(jnp.max(jnp.abs(want))), 1.0)
-    np.testing.assert_allclose(got, want, atol=BF16_RTOL * scale, err_msg=name)
+  check_against_reference(q, k, v, seg, cot, causal=causal,
+                          pattern=sparse_api.BlockMask(64, mask))
 
 
 def test_block_mask_lists_hold_exactly_the_kept_causal_tiles():

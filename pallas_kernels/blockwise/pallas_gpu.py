@@ -79,6 +79,18 @@ def _visits(table, lists, bi, h, i, formula):
   return end - first, lambda j: first + j
 
 
+def _query_major_mask(q0, ki, q_seg_rows, k_seg_ref, *, bq, bk, s_len, causal, window):
+  """keep [bq, bk] of the tile (query tile at q0, key tile ki) in the forward and dq kernels;
+  q_seg_rows [bq] (WGMMA rows), k_seg_ref the key segment ids [S] in memory."""
+  wg = plgpu.Layout.WGMMA
+  q_pos = q0 + plgpu.broadcasted_iota(jnp.int32, (bq, bk), 0, layout=wg)
+  k_pos = ki * bk + plgpu.broadcasted_iota(jnp.int32, (bq, bk), 1, layout=wg)
+  k_seg_cols = plgpu.load(k_seg_ref.at[pl.ds(ki * bk, bk)], layout=wg.reduce(0), optimized=False)
+  return _tile_mask(q_pos, k_pos, jax.lax.broadcast_in_dim(q_seg_rows, (bq, bk), [0]),
+                    jax.lax.broadcast_in_dim(k_seg_cols, (bq, bk), [1]), s_len=s_len,
+                    causal=causal, window=window)
+
+
 def _split(rest, ranges):
   """(the ranges ref or None, the remaining kernel refs)."""
   return (rest[0], rest[1:]) if ranges is not None else (None, rest)
@@ -133,13 +145,8 @@ def _forward(q, k, v, q_seg, k_seg, ranges=None, *, causal, window, scale, s_len
         return acc_ref[...]
 
       s = pl.run_scoped(qk, plgpu.ACC((bq, bk), jnp.float32)) * (scale * LOG2E)
-      q_pos = q0 + plgpu.broadcasted_iota(jnp.int32, (bq, bk), 0, layout=wg)
-      k_pos = ki * bk + plgpu.broadcasted_iota(jnp.int32, (bq, bk), 1, layout=wg)
-      k_seg_cols = plgpu.load(kseg_gmem.at[bi, pl.ds(ki * bk, bk)], layout=wg.reduce(0),
-                              optimized=False)
-      keep = _tile_mask(q_pos, k_pos, jax.lax.broadcast_in_dim(q_seg_rows, (bq, bk), [0]),
-                        jax.lax.broadcast_in_dim(k_seg_cols, (bq, bk), [1]), s_len=s_len,
-                        causal=causal, window=window)
+      keep = _query_major_mask(q0, ki, q_seg_rows, kseg_gmem.at[bi], bq=bq, bk=bk, s_len=s_len,
+                               causal=causal, window=window)
       s = jnp.where(keep, s, MASK_VALUE)
       m_new = jnp.maximum(m_i, s.max(axis=1))
       alpha = jnp.exp2(m_i - m_new)
@@ -248,13 +255,8 @@ def _dq(q, k, v, do, lse, delta, q_seg, k_seg, ranges=None, *, causal, window, s
     def body(idx, k_smem, v_smem, acc):
       ki = block_at(idx[0])
       s = _smem_product(q_smem, k_smem, (bq, bk)) * scale
-      q_pos = q0 + plgpu.broadcasted_iota(jnp.int32, (bq, bk), 0, layout=wg)
-      k_pos = ki * bk + plgpu.broadcasted_iota(jnp.int32, (bq, bk), 1, layout=wg)
-      k_seg_cols = plgpu.load(kseg_gmem.at[bi, pl.ds(ki * bk, bk)], layout=wg.reduce(0),
-                              optimized=False)
-      keep = _tile_mask(q_pos, k_pos, jax.lax.broadcast_in_dim(q_seg_rows, (bq, bk), [0]),
-                        jax.lax.broadcast_in_dim(k_seg_cols, (bq, bk), [1]), s_len=s_len,
-                        causal=causal, window=window)
+      keep = _query_major_mask(q0, ki, q_seg_rows, kseg_gmem.at[bi], bq=bq, bk=bk, s_len=s_len,
+                               causal=causal, window=window)
       p = jnp.where(keep, jnp.exp(s - jax.lax.broadcast_in_dim(lse_rows, (bq, bk), [0])), 0.0)
       dp = _smem_product(do_smem, v_smem, (bq, bk))
       ds = p * (dp - jax.lax.broadcast_in_dim(delta_rows, (bq, bk), [0]))

@@ -59,45 +59,72 @@ def _product(a, b, shape):
   return pl.run_scoped(run, plgpu.ACC(shape, jnp.float32))
 
 
-def _states(fk, v, ks, decay, *, chunk, interpret):
-  """S_c as [B, H, n * D, Dv]: the state before each chunk, accumulated in fp32 and stored in the
-  input dtype (it is a tensor-core operand of the output kernel)."""
-  b, tp, hkv, d = fk.shape
-  hq = ks.shape[1]  # the states are per query head (the gates are)
-  dv = v.shape[-1]
+def _row_vector(ref, t0, chunk, layout):
+  return plgpu.load(ref.at[pl.ds(t0, chunk)], layout=layout, optimized=False)
+
+
+def _intra_weights(b_rows_ref, b_cols_ref, seg_rows_ref, seg_cols_ref, t0, chunk):
+  """W [C, C] of the chunk starting at t0: exp(b_i - b_j) where j <= i in the same segment,
+  else 0 (every exponent kept is <= 0). Each per-token vector comes from its own operand (rows
+  and columns are separate refs of the same data): Mosaic GPU's layout inference fails when one
+  memory ref is loaded with two layouts."""
+  wg = plgpu.Layout.WGMMA
+  shape = (chunk, chunk)
+  rows = lambda ref: jax.lax.broadcast_in_dim(_row_vector(ref, t0, chunk, wg.reduce(1)), shape,
+                                              [0])
+  cols = lambda ref: jax.lax.broadcast_in_dim(_row_vector(ref, t0, chunk, wg.reduce(0)), shape,
+                                              [1])
+  row = plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=wg)
+  col = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=wg)
+  keep = (col <= row) & (rows(seg_rows_ref) == cols(seg_cols_ref))
+  diff = rows(b_rows_ref) - cols(b_cols_ref)
+  return jnp.where(keep, jnp.exp(jnp.where(keep, diff, 0.0)), 0.0)
+
+
+def _decayed_sums(x, y, scale, decay, *, chunk, reverse, interpret):
+  """For each chunk c (in time order, or in reverse), the value H had before c was folded in,
+  with H <- decay_c H + X_c^T (scale_c * Y_c) and H = 0 at the start: [B, Hq, n * D, Dv] in the
+  input dtype (accumulated in fp32). One pipeline over the chunks per (batch, query head, value
+  slice of 64). Forward: X = phi(K), Y = V, scale = ks gives the states S_c; reverse:
+  X = phi(Q), Y = dN, scale = qs gives dH_c, the gradient of the state after chunk c.
+  x, y may have fewer (key/value) heads than scale [B, Hq, Tp]; decay is [B, Hq, n, D]."""
+  b, tp, _, d = x.shape
+  hq = scale.shape[1]
+  dv = y.shape[-1]
   n = tp // chunk
   bv = min(VALUE_SLICE, dv)
-  group = hq // hkv
+  x_group, y_group = hq // x.shape[2], hq // y.shape[2]
   wg = plgpu.Layout.WGMMA
-  dtype = fk.dtype
+  dtype = x.dtype
   tr = _transforms(dtype)
+  chunk_at = (lambda j: n - 1 - j) if reverse else (lambda j: j)
 
-  def kernel(k_gmem, v_gmem, ks_gmem, decay_gmem, s_gmem, stage_smem, s_out):
-    vi, h, bi = (jax.lax.axis_index(x) for x in ("v", "h", "b"))
-    kvh = h // group
+  def kernel(x_gmem, y_gmem, scale_gmem, decay_gmem, out_gmem, stage_smem, out_smem):
+    vi, h, bi = (jax.lax.axis_index(a) for a in ("v", "h", "b"))
 
-    def body(idx, k_smem, v_smem, state):
-      c = idx[0]
-      # The state goes out by TMA from s_out (outputs are written by hand, not by pipeline
-      # out_specs: Mosaic GPU interpret mode has no predicated stores).
-      plgpu.wait_smem_to_gmem(0)  # the previous chunk's copy has left s_out
-      s_out[...] = state.astype(dtype)
+    def body(idx, x_smem, y_smem, acc):
+      c = chunk_at(idx[0])
+      # Outputs go out by hand, not by pipeline out_specs: Mosaic GPU interpret mode has no
+      # predicated stores.
+      plgpu.wait_smem_to_gmem(0)  # the previous chunk's copy has left out_smem
+      out_smem[...] = acc.astype(dtype)
       plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(s_out, s_gmem.at[bi, h, pl.ds(c * d, d), pl.ds(vi * bv, bv)])
-      ks_rows = plgpu.load(ks_gmem.at[bi, h, pl.ds(c * chunk, chunk)], layout=wg.reduce(1),
-                           optimized=False)
-      v_rows = plgpu.load(v_smem, layout=wg, optimized=False).astype(jnp.float32)
-      scaled = v_rows * jax.lax.broadcast_in_dim(ks_rows, (chunk, bv), [0])
-      update = _product(k_smem.T, _stage(scaled, stage_smem), (d, bv))
+      plgpu.copy_smem_to_gmem(out_smem,
+                              out_gmem.at[bi, h, pl.ds(c * d, d), pl.ds(vi * bv, bv)])
+      scale_rows = plgpu.load(scale_gmem.at[bi, h, pl.ds(c * chunk, chunk)],
+                              layout=wg.reduce(1), optimized=False)
+      y_rows = plgpu.load(y_smem, layout=wg, optimized=False).astype(jnp.float32)
+      scaled = y_rows * jax.lax.broadcast_in_dim(scale_rows, (chunk, bv), [0])
+      update = _product(x_smem.T, _stage(scaled, stage_smem), (d, bv))
       decay_rows = plgpu.load(decay_gmem.at[bi, h, c], layout=wg.reduce(1), optimized=False)
-      return jax.lax.broadcast_in_dim(decay_rows, (d, bv), [0]) * state + update
+      return jax.lax.broadcast_in_dim(decay_rows, (d, bv), [0]) * acc + update
 
-    k_spec = plgpu.BlockSpec((chunk, d), lambda c: (c, 0), transforms=tr)
-    v_spec = plgpu.BlockSpec((chunk, bv), lambda c: (c, vi), transforms=tr)
+    x_spec = plgpu.BlockSpec((chunk, d), lambda j: (chunk_at(j), 0), transforms=tr)
+    y_spec = plgpu.BlockSpec((chunk, bv), lambda j: (chunk_at(j), vi), transforms=tr)
     plgpu.emit_pipeline(
-        body, grid=(n,), in_specs=[k_spec, v_spec], max_concurrent_steps=2,
+        body, grid=(n,), in_specs=[x_spec, y_spec], max_concurrent_steps=2,
         init_carry=plgpu.layout_cast(jnp.zeros((d, bv), jnp.float32), wg))(
-            k_gmem.at[bi, :, kvh], v_gmem.at[bi, :, kvh])
+            x_gmem.at[bi, :, h // x_group], y_gmem.at[bi, :, h // y_group])
     plgpu.wait_smem_to_gmem(0)
 
   return plgpu.kernel(
@@ -105,7 +132,7 @@ def _states(fk, v, ks, decay, *, chunk, interpret):
       grid=(dv // bv, hq, b), grid_names=("v", "h", "b"),
       scratch_types=(plgpu.SMEM((chunk, bv), dtype, transforms=tr),
                      plgpu.SMEM((d, bv), dtype, transforms=tr)),
-      interpret=interpret or False)(fk, v, ks, decay)
+      interpret=interpret or False)(x, y, scale, decay)
 
 
 def _outputs(fq, fk, v, states, bcum, qs, seg, *, chunk, interpret, stage=None):
@@ -134,24 +161,14 @@ def _outputs(fq, fk, v, states, bcum, qs, seg, *, chunk, interpret, stage=None):
 
     def body(idx, q_smem, k_smem, v_smem, s_smem):
       t0 = (o * per_cta + idx[0]) * chunk
-      vec = lambda ref, layout: plgpu.load(ref.at[pl.ds(t0, chunk)], layout=layout,
-                                           optimized=False)
-      b_tok, seg_tok = b_gmem.at[bi, h], seg_gmem.at[bi]
-      b_tok2, seg_tok2 = b2_gmem.at[bi, h], seg2_gmem.at[bi]
-      rows2 = lambda x: jax.lax.broadcast_in_dim(x, shape, [0])
-      cols2 = lambda x: jax.lax.broadcast_in_dim(x, shape, [1])
-      row = plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=wg)
-      col = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=wg)
-      same_segment = rows2(vec(seg_tok, wg.reduce(1))) == cols2(vec(seg_tok2, wg.reduce(0)))
-      keep = (col <= row) & same_segment
-      diff = rows2(vec(b_tok, wg.reduce(1))) - cols2(vec(b_tok2, wg.reduce(0)))
-      w = jnp.where(keep, jnp.exp(jnp.where(keep, diff, 0.0)), 0.0)
+      w = _intra_weights(b_gmem.at[bi, h], b2_gmem.at[bi, h], seg_gmem.at[bi], seg2_gmem.at[bi],
+                         t0, chunk)
       a = _product(q_smem, k_smem.T, shape) * w
       a_lhs = _stage(a, a_smem) if stage else a.astype(dtype)
       intra = _product(a_lhs, v_smem, (chunk, dv))
       inter = _product(q_smem, s_smem, (chunk, dv))
-      qs_rows = vec(qs_gmem.at[bi, h], wg.reduce(1))
-      plgpu.wait_smem_to_gmem(0)  # the previous chunk's outputs have left (see _states)
+      qs_rows = _row_vector(qs_gmem.at[bi, h], t0, chunk, wg.reduce(1))
+      plgpu.wait_smem_to_gmem(0)  # the previous chunk's outputs have left (see _decayed_sums)
       num_smem[...] = intra + jax.lax.broadcast_in_dim(qs_rows, (chunk, dv), [0]) * inter
       rows_smem[...] = a.sum(axis=1)
       plgpu.commit_smem()
@@ -176,51 +193,6 @@ def _outputs(fq, fk, v, states, bcum, qs, seg, *, chunk, interpret, stage=None):
       scratch_types=(plgpu.SMEM((chunk, dv), jnp.float32), plgpu.SMEM((chunk,), jnp.float32))
       + ((plgpu.SMEM((chunk, chunk), dtype, transforms=tr),) if stage else ()),
       interpret=interpret or False)(fq, fk, v, states, bcum, bcum, qs, seg, seg)
-
-
-def _dstates(fq, dn, qs, decay, *, chunk, interpret):
-  """dH_c as [B, H, n * D, Dv]: the gradient of the state after chunk c (what chunk c's keys
-  and values feed), by a pipeline over the chunks in reverse:
-  dH <- decay_c dH + Q_c^T (qs * dN_c), with dH after the last chunk zero."""
-  b, tp, hq, d = fq.shape
-  dv = dn.shape[-1]
-  n = tp // chunk
-  bv = min(VALUE_SLICE, dv)
-  wg = plgpu.Layout.WGMMA
-  dtype = fq.dtype
-  tr = _transforms(dtype)
-
-  def kernel(q_gmem, dn_gmem, qs_gmem, decay_gmem, dh_gmem, stage_smem, dh_out):
-    vi, h, bi = (jax.lax.axis_index(x) for x in ("v", "h", "b"))
-
-    def body(idx, q_smem, dn_smem, dh):
-      c = n - 1 - idx[0]
-      plgpu.wait_smem_to_gmem(0)
-      dh_out[...] = dh.astype(dtype)
-      plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(dh_out, dh_gmem.at[bi, h, pl.ds(c * d, d), pl.ds(vi * bv, bv)])
-      qs_rows = plgpu.load(qs_gmem.at[bi, h, pl.ds(c * chunk, chunk)], layout=wg.reduce(1),
-                           optimized=False)
-      dn_rows = plgpu.load(dn_smem, layout=wg, optimized=False).astype(jnp.float32)
-      scaled = dn_rows * jax.lax.broadcast_in_dim(qs_rows, (chunk, bv), [0])
-      update = _product(q_smem.T, _stage(scaled, stage_smem), (d, bv))
-      decay_rows = plgpu.load(decay_gmem.at[bi, h, c], layout=wg.reduce(1), optimized=False)
-      return jax.lax.broadcast_in_dim(decay_rows, (d, bv), [0]) * dh + update
-
-    q_spec = plgpu.BlockSpec((chunk, d), lambda j: (n - 1 - j, 0), transforms=tr)
-    dn_spec = plgpu.BlockSpec((chunk, bv), lambda j: (n - 1 - j, vi), transforms=tr)
-    plgpu.emit_pipeline(
-        body, grid=(n,), in_specs=[q_spec, dn_spec], max_concurrent_steps=2,
-        init_carry=plgpu.layout_cast(jnp.zeros((d, bv), jnp.float32), wg))(
-            q_gmem.at[bi, :, h], dn_gmem.at[bi, :, h])
-    plgpu.wait_smem_to_gmem(0)
-
-  return plgpu.kernel(
-      kernel, out_type=jax.ShapeDtypeStruct((b, hq, n * d, dv), dtype),
-      grid=(dv // bv, hq, b), grid_names=("v", "h", "b"),
-      scratch_types=(plgpu.SMEM((chunk, bv), dtype, transforms=tr),
-                     plgpu.SMEM((d, bv), dtype, transforms=tr)),
-      interpret=interpret or False)(fq, dn, qs, decay)
 
 
 def _chunk_grads(fq, fk, v, dn, drows, states, dstates, bcum, qs, ks, seg, *, chunk, interpret,
@@ -255,23 +227,14 @@ def _chunk_grads(fq, fk, v, dn, drows, states, dstates, bcum, qs, ks, seg, *, ch
                      (s_gmem.at[bi, h, pl.ds(c * d, d)], s_smem)):
       plgpu.copy_gmem_to_smem(src, dst, barrier)
       plgpu.barrier_wait(barrier)
-    # Each per-token vector is read from its own operand: Mosaic GPU's layout inference fails
-    # when one memory ref is loaded with two layouts.
-    vec = lambda ref, layout: plgpu.load(ref.at[pl.ds(t0, chunk)], layout=layout,
-                                         optimized=False)
-    rows2 = lambda x: jax.lax.broadcast_in_dim(x, shape, [0])
-    cols2 = lambda x: jax.lax.broadcast_in_dim(x, shape, [1])
-    row = plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=wg)
-    col = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=wg)
-    keep = (col <= row) & (rows2(vec(seg_gmem.at[bi], wg.reduce(1)))
-                           == cols2(vec(seg2_gmem.at[bi], wg.reduce(0))))
-    diff = rows2(vec(b_gmem.at[bi, h], wg.reduce(1))) - cols2(vec(b2_gmem.at[bi, h], wg.reduce(0)))
-    w = jnp.where(keep, jnp.exp(jnp.where(keep, diff, 0.0)), 0.0)
-    dr_rows = vec(dr_gmem.at[bi, h], wg.reduce(1))
-    p = (_product(dn_smem, v_smem.T, shape) + rows2(dr_rows)) * w
+    vec = lambda ref: _row_vector(ref, t0, chunk, wg.reduce(1))
+    w = _intra_weights(b_gmem.at[bi, h], b2_gmem.at[bi, h], seg_gmem.at[bi], seg2_gmem.at[bi],
+                       t0, chunk)
+    dr = jax.lax.broadcast_in_dim(vec(dr_gmem.at[bi, h]), shape, [0])
+    p = (_product(dn_smem, v_smem.T, shape) + dr) * w
     _stage(p, p_smem)
     if which == "dq":
-      qs_rows = vec(qs_gmem.at[bi, h], wg.reduce(1))
+      qs_rows = vec(qs_gmem.at[bi, h])
       dq = (_product(p_smem, k_smem, (chunk, d))
             + jax.lax.broadcast_in_dim(qs_rows, (chunk, d), [0])
             * _product(dn_smem, s_smem.T, (chunk, d)))
@@ -279,7 +242,7 @@ def _chunk_grads(fq, fk, v, dn, drows, states, dstates, bcum, qs, ks, seg, *, ch
       plgpu.commit_smem()
       plgpu.copy_smem_to_gmem(out_smem, dq_gmem.at[bi, pl.ds(t0, chunk), h])
     else:
-      ks_rows = vec(ks_gmem.at[bi, h], wg.reduce(1))
+      ks_rows = vec(ks_gmem.at[bi, h])
       a = _product(q_smem, k_smem.T, shape) * w
       _stage(a, a_smem)
       dk = (_product(p_smem.T, q_smem, (chunk, d))
@@ -342,7 +305,7 @@ def _kernel_part_fwd(fq, fk, v, g, seg, chunk, interpret):
   bcum, qs, ks, seg_p, decay = _scalars(g, seg, chunk, d)
   tp = qs.shape[-1]
   fq_p, fk_p, v_p = (_pad_time(x, tp) for x in (fq, fk, v))
-  states = _states(fk_p, v_p, ks, decay, chunk=chunk, interpret=interpret)
+  states = _decayed_sums(fk_p, v_p, ks, decay, chunk=chunk, reverse=False, interpret=interpret)
   num, rows = _outputs(fq_p, fk_p, v_p, states, bcum, qs, seg_p, chunk=chunk,
                        interpret=interpret)
   return (num[:, :t], rows[:, :, :t]), (fq_p, fk_p, v_p, g, seg, t)
@@ -357,10 +320,10 @@ def _kernel_part_bwd(chunk, interpret, res, cotangents):
   hkv = fk_p.shape[2]
   group = hq // hkv
   bcum, qs, ks, seg_p, decay = _scalars(g, seg, chunk, d)
-  states = _states(fk_p, v_p, ks, decay, chunk=chunk, interpret=interpret)
+  states = _decayed_sums(fk_p, v_p, ks, decay, chunk=chunk, reverse=False, interpret=interpret)
   dn = _pad_time(dnum, tp).astype(fq_p.dtype)  # a tensor-core operand
   dr = jnp.pad(drows.astype(jnp.float32), ((0, 0), (0, 0), (0, tp - t)))
-  dstates = _dstates(fq_p, dn, qs, decay, chunk=chunk, interpret=interpret)
+  dstates = _decayed_sums(fq_p, dn, qs, decay, chunk=chunk, reverse=True, interpret=interpret)
   kw = dict(chunk=chunk, interpret=interpret)
   dq = _chunk_grads(fq_p, fk_p, v_p, dn, dr, states, dstates, bcum, qs, ks, seg_p, which="dq",
                     **kw)
