@@ -15,6 +15,7 @@ import argparse
 import functools
 import json
 import statistics
+import sys
 import time
 
 import jax
@@ -133,6 +134,7 @@ def _run_fla(shapes, decay_kind: str, iters: int):
     except Exception as e:  # noqa: BLE001 - e.g. a Triton that refuses this GPU
       row["error"] = " ".join(str(e).split())[:160]
     rows.append(row)
+    _progress(row)
   return rows
 
 
@@ -170,7 +172,14 @@ def _run(family_impls, shapes, flops_fn, iters, skip_errors=True):
       if "fwd_bwd_ms" in row:
         row["tokens_per_s"] = b * t / row["fwd_bwd_ms"] * 1e3
       rows.append(row)
+      _progress(row)
   return rows
+
+
+def _progress(row):
+  """Each row as soon as it is measured (stderr), so a run cut short by a timeout still says
+  what it measured."""
+  print("row " + json.dumps(row), file=sys.stderr, flush=True)
 
 
 def _ratios(rows):

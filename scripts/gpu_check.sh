@@ -13,7 +13,11 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader ||
 python3 -c "import jax; print('jax', jax.__version__, jax.devices())"
 timeout 120 python3 -m pytest -q -m gpu tests || echo "gpu tests: exit $?"
 mkdir -p "${OUT:-/tmp}/bench"
-for family in blockwise sparse linear; do
+# Each row is also printed to stderr as it is measured, so a family cut by its timeout still
+# reports its rows (fla autotunes for minutes on first use: it runs last, at two lengths).
+for family in blockwise sparse; do
   timeout 130 python3 -m pallas_kernels.bench --family "$family" --iters 5 \
     --json "${OUT:-/tmp}/bench/$family.json" || echo "bench $family: exit $?"
 done
+timeout 130 python3 -m pallas_kernels.bench --family linear --iters 5 --lengths 8192,32768 \
+  --json "${OUT:-/tmp}/bench/linear.json" || echo "bench linear: exit $?"
