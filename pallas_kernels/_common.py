@@ -90,6 +90,18 @@ def segment_starts(segment_ids_BT):
   return jax.lax.cummax(jnp.where(segment_start_mask(segment_ids_BT), idx, 0), axis=1)
 
 
+class StaticConfig:
+  """Base of the kernels' static configs (the nondiff argument of their custom_vjp): equal and
+  hashed by `self.key`, which subclasses set (interpret params enter by identity)."""
+  key: tuple = ()
+
+  def __hash__(self):
+    return hash((type(self), self.key))
+
+  def __eq__(self, other):
+    return type(other) is type(self) and self.key == other.key
+
+
 def kernel_for(kernels: dict, impl: str, backend: str | None = None):
   """From a family's table impl -> backend -> kernel ("any": every backend): the kernel for
   impl on this backend, or None."""

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels._common import cdiv, pad_for_tiles
+from pallas_kernels._common import cdiv, pad_for_tiles, StaticConfig
 
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 LOG2E = math.log2(math.e)
@@ -354,16 +354,10 @@ def _dkv(q, k, v, do, lse, delta, q_seg, k_seg, ranges=None, *, causal, window, 
                                                     *(() if ranges is None else (ranges,)))
 
 
-class _Config:
+class _Config(StaticConfig):
   def __init__(self, **kw):
     self.kw = kw
     self.key = tuple(sorted((k, id(v) if k == "interpret" else v) for k, v in kw.items()))
-
-  def __hash__(self):
-    return hash(self.key)
-
-  def __eq__(self, other):
-    return isinstance(other, _Config) and self.key == other.key
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))

@@ -25,7 +25,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels._common import cdiv, pad_for_tiles
+from pallas_kernels._common import cdiv, pad_for_tiles, StaticConfig
 
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 DEFAULT_BLOCK = 128
@@ -267,7 +267,7 @@ def _backward(res, lists, cotangents, cfg, shapes):
   return dq[:, :, :t].transpose(0, 2, 1, 3), fold(dk).astype(kt.dtype), fold(dv).astype(vt.dtype)
 
 
-class _Config:
+class _Config(StaticConfig):
   """Everything static about one call: blocks, mask, scale (hashable by its key, so jax's
   custom_vjp sees it as one nondiff argument). The block lists travel as arguments."""
 
@@ -275,12 +275,6 @@ class _Config:
     self.bq, self.bk, self.s_len, self.scale, self.interpret = bq, bk, s, scale, interpret
     self.mask = functools.partial(_mask, bq=bq, bk=bk, causal=causal, window=window, s_len=s)
     self.key = (t, s, bq, bk, causal, window, scale, id(interpret), key)
-
-  def __hash__(self):
-    return hash(self.key)
-
-  def __eq__(self, other):
-    return isinstance(other, _Config) and self.key == other.key
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels._common import cdiv, segment_start_mask
+from pallas_kernels._common import cdiv, segment_start_mask, StaticConfig
 from pallas_kernels.linear.reference import EPS, apply_feature_map, log_gates
 
 SEMANTICS = ("parallel", "parallel", "arbitrary")
@@ -178,7 +178,7 @@ def _call(kernel, cfg, grid, in_specs, out_specs, out_shape, scratch, name, *arg
       interpret=cfg.interpret, name=name)(*args)
 
 
-class _Config:
+class _Config(StaticConfig):
   """Everything static about one call (hashable, one nondiff argument of the custom_vjp)."""
 
   def __init__(self, *, chunk, normalize, interpret, reverse=False):
@@ -188,12 +188,6 @@ class _Config:
   def reversed(self):
     return _Config(chunk=self.chunk, normalize=self.normalize, interpret=self.interpret,
                    reverse=True)
-
-  def __hash__(self):
-    return hash(self.key)
-
-  def __eq__(self, other):
-    return isinstance(other, _Config) and self.key == other.key
 
 
 def _chunk_scalars(g_BTH, seg_BT, chunk):

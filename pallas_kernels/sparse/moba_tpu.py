@@ -26,7 +26,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels._common import cdiv
+from pallas_kernels._common import cdiv, StaticConfig
 from pallas_kernels.blockwise.pallas_tpu import (DEFAULT_BLOCK, MASK_VALUE, _block_size,
                                                  _Config, _dot, _flash, _static_lists,
                                                  dense_block_keep)
@@ -165,16 +165,10 @@ def _dkv_kernel(blk_ref, work_ref, q_ref, k_ref, v_ref, qseg_ref, kseg_ref, do_r
 
 # ---- pallas_call plumbing -----------------------------------------------------------------------
 
-class _RoutedConfig:
+class _RoutedConfig(StaticConfig):
   def __init__(self, *, bq, block, scale, interpret):
     self.bq, self.block, self.scale, self.interpret = bq, block, scale, interpret
     self.key = (bq, block, scale, id(interpret))
-
-  def __hash__(self):
-    return hash(self.key)
-
-  def __eq__(self, other):
-    return isinstance(other, _RoutedConfig) and self.key == other.key
 
 
 def _specs(cfg, d, group):
