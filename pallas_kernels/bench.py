@@ -6,8 +6,9 @@ implementations and the peers that are importable here, at a fixed number of tok
 kinds) or tokens/s (linear), and our ratio to the best peer. --json writes the rows.
 
 FLOPs are the useful work: causal softmax forward 2 * B * H * T^2 * D (half of the full
-4 * B * H * T^2 * D), forward+backward 3.5x that (FlashAttention-2's count); sparse kinds count
-their kept query-key pairs.
+4 * B * H * T^2 * D), forward+backward 3.5x that (FlashAttention-2's count); sparse rows count
+only the causal query-key pairs their pattern keeps (the "kept" column; MoBA's from its routing
+on the benchmark's inputs).
 """
 from __future__ import annotations
 
@@ -151,13 +152,16 @@ def _time_torch(fn, iters: int) -> float:
   return statistics.median(times) * 1e3
 
 
-def _run(family_impls, shapes, flops_fn, iters, skip_errors=True):
+def _run(family_impls, shapes, flops_fn, iters, skip_errors=True, kept=None):
+  """kept: {impl: pattern or None} for sparse rows (adds kept_fraction)."""
   rows = []
   for (b, t, h, hkv, d, dtype) in shapes:
     q, k, v, cot = _inputs(b, t, h, hkv, d, dtype)
     for name, attn in family_impls.items():
       row = {"impl": name, "batch": b, "length": t, "heads": h, "kv_heads": hkv, "head_dim": d,
              "dtype": jnp.dtype(dtype).name}
+      if kept is not None:
+        row["kept_fraction"] = kept_fraction(kept[name], q, k)
       try:
         row["fwd_ms"] = _time(jax.jit(attn), (q, k, v), iters)
         row["fwd_bwd_ms"] = _time(_fwd_bwd(attn), (q, k, v, cot), iters)
@@ -166,6 +170,8 @@ def _run(family_impls, shapes, flops_fn, iters, skip_errors=True):
           raise
         row["error"] = " ".join(str(e).split())[:160]
       fl = flops_fn(b, t, h, d)
+      if fl and kept is not None:  # useful work only: the pairs the pattern keeps
+        fl *= row["kept_fraction"]
       if fl and "fwd_ms" in row:
         row["fwd_tflops"] = fl / row["fwd_ms"] / 1e9
         row["fwd_bwd_tflops"] = 3.5 * fl / row["fwd_bwd_ms"] / 1e9
@@ -182,36 +188,101 @@ def _progress(row):
   print("row " + json.dumps(row), file=sys.stderr, flush=True)
 
 
-def _ratios(rows):
-  """Our fwd / fwd+bwd speed over the best peer's, per length."""
+def _ratios(rows, pairs=None):
+  """Our fwd / fwd+bwd speed over a peer's, per length: over the best peer, or, with pairs
+  [(ours impl, peer impl)], over each named peer (the sparse family compares like with like)."""
   out = []
   for t in sorted({r["length"] for r in rows}):
-    at = [r for r in rows if r["length"] == t and "fwd_ms" in r]
-    ours = [r for r in at if r["impl"].startswith("ours")]
-    peers = [r for r in at if not r["impl"].startswith("ours")]
-    if ours and peers:
-      best_f = min(p["fwd_ms"] for p in peers)
-      best_fb = min(p["fwd_bwd_ms"] for p in peers)
-      out.append({"length": t, "fwd_ratio": best_f / ours[0]["fwd_ms"],
-                  "fwd_bwd_ratio": best_fb / ours[0]["fwd_bwd_ms"]})
+    at = {r["impl"]: r for r in rows if r["length"] == t and "fwd_ms" in r}
+    if pairs is None:
+      ours = [r for name, r in at.items() if name.startswith("ours")]
+      peers = [r for name, r in at.items() if not name.startswith("ours")]
+      if ours and peers:
+        out.append({"length": t, "ours": ours[0]["impl"], "peer": "best peer",
+                    "fwd_ratio": min(p["fwd_ms"] for p in peers) / ours[0]["fwd_ms"],
+                    "fwd_bwd_ratio": min(p["fwd_bwd_ms"] for p in peers) / ours[0]["fwd_bwd_ms"]})
+      continue
+    for ours, peer in pairs:
+      if ours in at and peer in at:
+        out.append({"length": t, "ours": ours, "peer": peer,
+                    "fwd_ratio": at[peer]["fwd_ms"] / at[ours]["fwd_ms"],
+                    "fwd_bwd_ratio": at[peer]["fwd_bwd_ms"] / at[ours]["fwd_bwd_ms"]})
   return out
+
+
+def kept_fraction(pattern, q, k) -> float:
+  """The fraction of causal query-key pairs a pattern keeps (1.0 for full causal), on the
+  inputs given (MoBA's depends on its routing): the work a kernel that skips the rest does,
+  relative to full causal attention."""
+  from pallas_kernels import MoBA, SlidingWindow
+  from pallas_kernels.sparse.routing import moba_routing
+  t = q.shape[1]
+  causal_pairs = t * (t + 1) / 2
+  if pattern is None:
+    return 1.0
+  if isinstance(pattern, SlidingWindow):
+    w = min(pattern.window, t)
+    return (w * (w + 1) / 2 + (t - w) * w) / causal_pairs
+  if isinstance(pattern, MoBA):  # own block causally + block_size keys per routed past block
+    routes = moba_routing(q[:1], k[:1], block_size=pattern.block_size, top_k=pattern.top_k)
+    own = (jnp.arange(t) % pattern.block_size + 1).sum() * q.shape[2]
+    routed = jnp.sum(routes >= 0) * pattern.block_size
+    return float((own + routed) / (causal_pairs * q.shape[2]))
+  raise ValueError(f"kept_fraction: no count for {pattern!r}")
 
 
 def _print(rows, ratios, title):
   print(f"\n## {title} ({jax.devices()[0].device_kind}, jax {jax.__version__})")
-  print("| impl | B x T | fwd ms | fwd TFLOP/s | fwd+bwd ms | fwd+bwd TFLOP/s | tokens/s |")
-  print("|---|---|---|---|---|---|---|")
+  sparse = any("kept_fraction" in r for r in rows)
+  extra_head, extra_rule = (" kept |", "---|") if sparse else ("", "")
+  print(f"| impl | B x T | fwd ms | fwd TFLOP/s | fwd+bwd ms | fwd+bwd TFLOP/s | tokens/s |"
+        f"{extra_head}")
+  print(f"|---|---|---|---|---|---|---|{extra_rule}")
   fmt = lambda x, s=".2f": "-" if x is None else format(x, s)
   for r in rows:
+    kept = f" {r['kept_fraction']:.3f} |" if sparse else ""
     if "error" in r:
-      print(f"| {r['impl']} | {r['batch']} x {r['length']} | error: {r['error']} |||||")
+      print(f"| {r['impl']} | {r['batch']} x {r['length']} | error: {r['error']} |||||{kept}")
       continue
     print(f"| {r['impl']} | {r['batch']} x {r['length']} | {fmt(r['fwd_ms'])} | "
           f"{fmt(r.get('fwd_tflops'), '.1f')} | {fmt(r['fwd_bwd_ms'])} | "
-          f"{fmt(r.get('fwd_bwd_tflops'), '.1f')} | {fmt(r['tokens_per_s'], ',.0f')} |")
+          f"{fmt(r.get('fwd_bwd_tflops'), '.1f')} | {fmt(r['tokens_per_s'], ',.0f')} |{kept}")
   for x in ratios:
-    print(f"ours / best peer at T={x['length']}: forward {x['fwd_ratio']:.2f}x, "
+    print(f"{x['ours']} / {x['peer']} at T={x['length']}: forward {x['fwd_ratio']:.2f}x, "
           f"forward+backward {x['fwd_bwd_ratio']:.2f}x")
+
+
+def _causal_flops(b, t, h, d):
+  return 2.0 * b * h * t * t * d
+
+
+def _run_sparse(shapes, iters):
+  """Sliding window 1024 beside cuDNN's; MoBA 512/top 4 beside cuDNN full causal and our
+  blockwise kernel; each row with the fraction of causal pairs its pattern keeps."""
+  from pallas_kernels import MoBA, SlidingWindow, blockwise_attention, sparse_attention
+  from pallas_kernels.blockwise.api import kernel_for as blockwise_kernel_for
+  from pallas_kernels.sparse.api import kernel_for
+  impl = "pallas" if kernel_for("pallas") is not None else "auto"
+  window, moba = SlidingWindow(1024), MoBA(512, 4)
+  names = {"window": f"ours sliding window 1024 ({impl})", "moba": f"ours MoBA 512/top4 ({impl})",
+           "full": "ours full causal ({})".format(
+               "pallas" if blockwise_kernel_for("pallas") is not None else "reference")}
+  impls = {names["window"]: functools.partial(sparse_attention, pattern=window, impl=impl),
+           names["moba"]: functools.partial(sparse_attention, pattern=moba, impl=impl),
+           names["full"]: functools.partial(
+               blockwise_attention, impl="pallas" if "pallas" in names["full"] else "reference")}
+  kept = {names["window"]: window, names["moba"]: moba, names["full"]: None}
+  pairs = [(names["moba"], names["full"])]
+  if jax.default_backend() == "gpu":
+    impls["cudnn sliding window 1024"] = lambda q, k, v: jax.nn.dot_product_attention(
+        q, k, v, is_causal=True, local_window_size=(1023, 0), implementation="cudnn")
+    impls["cudnn full causal"] = lambda q, k, v: jax.nn.dot_product_attention(
+        q, k, v, is_causal=True, implementation="cudnn")
+    kept.update({"cudnn sliding window 1024": window, "cudnn full causal": None})
+    pairs = [(names["window"], "cudnn sliding window 1024"),
+             (names["moba"], "cudnn full causal")] + pairs
+  rows = _run(impls, shapes, _causal_flops, iters, kept=kept)
+  return rows, _ratios(rows, pairs)
 
 
 def main(argv=None) -> int:
@@ -236,29 +307,14 @@ def main(argv=None) -> int:
   shapes = [(max(args.tokens // t, 1), t, args.heads, hkv, args.head_dim, dtype)
             for t in (int(x) for x in (args.lengths or DEFAULT_LENGTHS[args.family]).split(","))]
   if args.family == "blockwise":
-    rows = _run(_blockwise_impls(), shapes, lambda b, t, h, d: 2.0 * b * h * t * t * d,
-                args.iters)
+    rows = _run(_blockwise_impls(), shapes, _causal_flops, args.iters)
   elif args.family == "linear":
     rows = _run(_linear_impls(args.heads, args.decay), shapes, lambda *a: None, args.iters)
     rows += _run_fla(shapes, args.decay, args.iters)
   else:
-    from pallas_kernels import MoBA, SlidingWindow, sparse_attention
-    from pallas_kernels.sparse.api import kernel_for
-    window_impl = "pallas" if kernel_for("pallas") is not None else "auto"
-    moba_impl = window_impl
-    impls = {
-        f"ours sliding window 1024 ({window_impl})": functools.partial(
-            sparse_attention, pattern=SlidingWindow(1024), impl=window_impl),
-        f"ours MoBA 512/top4 ({moba_impl})": functools.partial(
-            sparse_attention, pattern=MoBA(512, 4), impl=moba_impl),
-    }
-    if jax.default_backend() == "gpu":
-      impls["cudnn sliding window 1024"] = lambda q, k, v: jax.nn.dot_product_attention(
-          q, k, v, is_causal=True, local_window_size=(1023, 0), implementation="cudnn")
-      impls["cudnn full causal"] = lambda q, k, v: jax.nn.dot_product_attention(
-          q, k, v, is_causal=True, implementation="cudnn")
-    rows = _run(impls, shapes, lambda *a: None, args.iters)
-  ratios = _ratios(rows)
+    rows, ratios = _run_sparse(shapes, args.iters)
+  if args.family != "sparse":
+    ratios = _ratios(rows)
   _print(rows, ratios, f"{args.family} attention, {args.tokens} tokens per batch, "
                        f"{args.heads} heads, head dim {args.head_dim}, {args.dtype}")
   if args.json:
