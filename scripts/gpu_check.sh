@@ -1,23 +1,66 @@
 #!/usr/bin/env bash
-# One device call: the GPU-marked tests, then the benchmark tables (printed last).
-# On the lent GPU machine (no registry there): carry .whl/ (made by ../shared/tools/device-wheels.sh)
+# One device call: the GPU-marked tests, the three benchmark tables and the trainer's MFU on
+# configs/gpt125m.py; a summary (test result, every table, the MFU lines) is printed last.
+# On the lent GPU machine (no registry there) carry .whl/, made here by
+#   bash ../shared/tools/device-wheels.sh fla-core==0.6.0
+# (grain, ml_collections; fla-core is flash-linear-attention's ops, the linear peer), then:
 #   run(command="bash scripts/gpu_check.sh", carry=[".whl"], timeout_s=540)
+# Parts can be named to run fewer (default: all, in this order; about 8 minutes at most):
+#   bash scripts/gpu_check.sh tests blockwise linear sparse mfu
+# Full logs and the JSON rows land in $OUT (8 files at most come back: 5 logs + 3 JSON).
 set -uo pipefail
 cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/gpu_check}
+mkdir -p "$OUT"
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 fi
-export PYTHONPATH=$PWD:${PYTHONPATH:-}
+export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
 python3 -c "import jax; print('jax', jax.__version__, jax.devices())"
-timeout 120 python3 -m pytest -q -m gpu tests || echo "gpu tests: exit $?"
-mkdir -p "${OUT:-/tmp}/bench"
-# Each row is also printed to stderr as it is measured, so a family cut by its timeout still
-# reports its rows (fla autotunes for minutes on first use: it runs last, at two lengths).
-for family in blockwise sparse; do
-  timeout 130 python3 -m pallas_kernels.bench --family "$family" --iters 5 \
-    --json "${OUT:-/tmp}/bench/$family.json" || echo "bench $family: exit $?"
+
+part() {  # part NAME SECONDS COMMAND...: runs it under a timeout, its log in $OUT/NAME.log
+  local name=$1 limit=$2
+  shift 2
+  echo "=== $name (limit ${limit}s): $*"
+  timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+  echo "=== $name: exit $?"
+}
+
+bench() {  # bench FAMILY SECONDS [ARGS...]: rows also go to stderr as measured, so a family cut
+  local family=$1 limit=$2  # by its timeout still reports them in its log
+  shift 2
+  part "$family" "$limit" python3 -m pallas_kernels.bench --family "$family" --iters 5 \
+    --json "$OUT/$family.json" "$@"
+}
+
+for p in ${*:-tests blockwise linear sparse mfu}; do
+  case $p in
+    tests) part tests 100 python3 -m pytest -q -m gpu -p no:cacheprovider tests ;;
+    blockwise) bench blockwise 100 ;;
+    # fla (the peer) autotunes for minutes on first use: two lengths, its rows after ours.
+    linear) bench linear 100 --lengths 8192,32768 ;;
+    sparse) bench sparse 100 --lengths 8192,32768,65536 ;;
+    mfu) rm -rf /tmp/gpt125m  # a fresh run, not a resume of an earlier call's
+         part mfu 110 python3 -m lmtrain.train --config configs/gpt125m.py \
+           --workdir /tmp/gpt125m --config.train.steps=60 --config.train.warmup_steps=20 \
+           --config.train.log_every=20 \
+           --config.train.eval_every=1000 --config.train.checkpoint_every=1000 ;;
+    *) echo "unknown part $p (tests blockwise linear sparse mfu)"; exit 2 ;;
+  esac
 done
-timeout 130 python3 -m pallas_kernels.bench --family linear --iters 5 --lengths 8192,32768 \
-  --json "${OUT:-/tmp}/bench/linear.json" || echo "bench linear: exit $?"
+
+echo
+echo "################ summary"
+[ -f "$OUT/tests.log" ] && tail -n 15 "$OUT/tests.log"
+for family in blockwise linear sparse; do
+  [ -f "$OUT/$family.log" ] || continue
+  if grep -q '^## ' "$OUT/$family.log"; then
+    sed -n '/^## /,$p' "$OUT/$family.log"
+  else  # cut by its timeout: the rows it measured
+    echo "## $family (incomplete)"; grep '^row ' "$OUT/$family.log"; tail -n 3 "$OUT/$family.log"
+  fi
+done
+[ -f "$OUT/mfu.log" ] && grep -E "compiled|MFU|eval/loss|Error|error" "$OUT/mfu.log" | tail -n 8
+exit 0
