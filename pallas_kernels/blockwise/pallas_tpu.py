@@ -7,8 +7,10 @@ Layout inside: [B, H, T, D] (the wrapper transposes). Grid (batch, head, query b
 slot): slot j of query block i is key block idx[i, j], scalar-prefetched, so its DMA is issued
 from the list; slots past the list's length repeat the last block (no new copy) and do no work.
 The running max, sum and accumulator live in VMEM scratch across the slots. The dk/dv kernel
-walks the transposed lists (for each key block, the query blocks that visit it). Index maps send
-query head h to key/value head h // (Hq // Hkv): no head is repeated in memory. Inside a tile,
+walks the transposed lists (for each key block, the query blocks that visit it) once per query
+head of the key/value head's group, so dk and dv sum over the group in VMEM. Index maps send
+query head h to key/value head h // (Hq // Hkv): no head is repeated in memory, gradients
+included. Inside a tile,
 causality, the window, segment ids and the padded tail (any length works) are masked by
 position.
 
@@ -149,16 +151,19 @@ def _dq_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, qs_ref, ks_ref, do_ref, ls
 
 
 def _dkv_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, qs_ref, ks_ref, do_ref, lse_ref, delta_ref,
-                dk_ref, dv_ref, dk_scr, dv_scr, *, scale, mask):
+                dk_ref, dv_ref, dk_scr, dv_scr, *, scale, mask, n_slots):
+  """One key block of one key/value head; slot j walks query head j // n_slots of the group
+  and query block idx[ki, j % n_slots], so dk and dv sum over the group in VMEM."""
   ki, j = pl.program_id(2), pl.program_id(3)
-  qi = idx_ref[ki, j]
+  slot = j % n_slots
+  qi = idx_ref[ki, slot]
 
   @pl.when(j == 0)
   def _init():
     dk_scr[...] = jnp.zeros(dk_scr.shape, jnp.float32)
     dv_scr[...] = jnp.zeros(dv_scr.shape, jnp.float32)
 
-  @pl.when(j < cnt_ref[ki])
+  @pl.when(slot < cnt_ref[ki])
   def _body():
     p, ds = _probs_and_dscores(q_ref, k_ref, v_ref, qs_ref, ks_ref, do_ref, lse_ref, delta_ref,
                                qi, ki, scale=scale, mask=mask)
@@ -173,22 +178,29 @@ def _dkv_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, qs_ref, ks_ref, do_ref, l
 
 # ---- pallas_call plumbing -----------------------------------------------------------------------
 
-def _specs(bq, bk, d, group, *, kv_major: bool):
+def _specs(bq, bk, d, group, *, kv_major: bool, n_slots: int = 0):
   """BlockSpecs of (q, k, q segments, k segments, per-query rows) for grid (b, h, outer, slot)
-  with scalar-prefetched (idx, count): outer is the query block and idx[outer, slot] the key
-  block, or the reverse when kv_major (the dk/dv kernel)."""
+  with scalar-prefetched (idx, count). Query-major: h is the query head, outer the query block
+  and idx[outer, slot] the key block. kv_major (the dk/dv kernel): h is the key/value head,
+  outer the key block, and slot runs over the group's query heads x the n_slots list slots."""
   if kv_major:
-    qb = lambda i, j, idx: idx[i, j]
+    qh = lambda h, j: h * group + j // n_slots
+    kh = lambda h, j: h
+    qb = lambda i, j, idx: idx[i, j % n_slots]
     kb = lambda i, j, idx: i
   else:
+    qh = lambda h, j: h
+    kh = lambda h, j: h // group
     qb = lambda i, j, idx: i
     kb = lambda i, j, idx: idx[i, j]
-  q = pl.BlockSpec((None, None, bq, d), lambda b, h, i, j, idx, cnt: (b, h, qb(i, j, idx), 0))
+  q = pl.BlockSpec((None, None, bq, d),
+                   lambda b, h, i, j, idx, cnt: (b, qh(h, j), qb(i, j, idx), 0))
   k = pl.BlockSpec((None, None, bk, d),
-                   lambda b, h, i, j, idx, cnt: (b, h // group, kb(i, j, idx), 0))
+                   lambda b, h, i, j, idx, cnt: (b, kh(h, j), kb(i, j, idx), 0))
   qs = pl.BlockSpec((None, bq, 1), lambda b, h, i, j, idx, cnt: (b, qb(i, j, idx), 0))
   ks = pl.BlockSpec((None, bk, 1), lambda b, h, i, j, idx, cnt: (b, kb(i, j, idx), 0))
-  row = pl.BlockSpec((None, None, bq, 1), lambda b, h, i, j, idx, cnt: (b, h, qb(i, j, idx), 0))
+  row = pl.BlockSpec((None, None, bq, 1),
+                     lambda b, h, i, j, idx, cnt: (b, qh(h, j), qb(i, j, idx), 0))
   return q, k, qs, ks, row
 
 
@@ -253,18 +265,19 @@ def _backward(res, lists, cotangents, cfg, shapes):
              fwd_lists, [qspec, kspec, kspec, qsspec, ksspec, qspec, row, row], qspec,
              jax.ShapeDtypeStruct(qt.shape, qt.dtype), [pltpu.VMEM((cfg.bq, d), jnp.float32)],
              cfg.interpret, "lmtrain_flash_dq", *args)
-  qspec, kspec, qsspec, ksspec, row = _specs(cfg.bq, cfg.bk, d, group, kv_major=True)
-  # dk and dv per query head over the transposed lists, summed over each group below.
-  dkv_spec = pl.BlockSpec((None, None, cfg.bk, d), lambda b_, h, i, j, idx, cnt: (b_, h, i, 0))
-  dk, dv = _call(functools.partial(_dkv_kernel, **kw), (b, hq, nk, bwd_lists[0].shape[1]),
-                 bwd_lists, [qspec, kspec, kspec, qsspec, ksspec, qspec, row, row],
-                 [dkv_spec, dkv_spec],
-                 [jax.ShapeDtypeStruct((b, hq, kt.shape[2], d), jnp.float32)] * 2,
+  n_slots = bwd_lists[0].shape[1]
+  qspec, kspec, qsspec, ksspec, row = _specs(cfg.bq, cfg.bk, d, group, kv_major=True,
+                                             n_slots=n_slots)
+  # One program per key block and key/value head: the group's query heads are consecutive
+  # slots, so dk and dv are summed over the group in VMEM (no per-query-head copies).
+  dk, dv = _call(functools.partial(_dkv_kernel, n_slots=n_slots, **kw),
+                 (b, hkv, nk, group * n_slots), bwd_lists,
+                 [qspec, kspec, kspec, qsspec, ksspec, qspec, row, row], [kspec, kspec],
+                 [jax.ShapeDtypeStruct(kt.shape, kt.dtype), jax.ShapeDtypeStruct(vt.shape, vt.dtype)],
                  [pltpu.VMEM((cfg.bk, d), jnp.float32), pltpu.VMEM((cfg.bk, d), jnp.float32)],
                  cfg.interpret, "lmtrain_flash_dkv", *args)
-  s_len = cfg.s_len
-  fold = lambda x: x.reshape(b, hkv, group, -1, d).sum(axis=2)[:, :, :s_len].transpose(0, 2, 1, 3)
-  return dq[:, :, :t].transpose(0, 2, 1, 3), fold(dk).astype(kt.dtype), fold(dv).astype(vt.dtype)
+  unpad = lambda x: x[:, :, :cfg.s_len].transpose(0, 2, 1, 3)
+  return dq[:, :, :t].transpose(0, 2, 1, 3), unpad(dk), unpad(dv)
 
 
 class _Config(StaticConfig):
