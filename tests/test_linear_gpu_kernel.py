@@ -20,8 +20,9 @@ from tests.test_linear_kernel import inputs
 f32 = lambda x: x.astype(jnp.float32)
 
 
-def check_against_reference(q, k, v, decay, seg, cot, **kw):
-  """Asserts out and d(q, k, v, decay) of the kernels equal the parallel form's."""
+def check_against_reference(q, k, v, decay, seg, cot, chunk_size=64, **kw):
+  """Asserts out and d(q, k, v, decay) of the kernels (at chunk_size) equal the parallel
+  form's."""
   q, k, v = (x.astype(jnp.bfloat16) for x in (q, k, v))
   interp = plgpu.InterpretGPUParams(uninitialized_memory="nan")
   decay = jnp.zeros(q.shape[:3]) if decay is None else decay
@@ -33,7 +34,8 @@ def check_against_reference(q, k, v, decay, seg, cot, **kw):
     return f
 
   argnums = (0, 1, 2, 3)
-  (_, o1), g1 = jax.value_and_grad(loss(linear_attention_gpu, interpret=interp), argnums,
+  (_, o1), g1 = jax.value_and_grad(loss(linear_attention_gpu, interpret=interp,
+                                        chunk_size=chunk_size), argnums,
                                    has_aux=True)(q, k, v, decay)
   (_, o2), g2 = jax.value_and_grad(loss(linear_parallel), argnums, has_aux=True)(
       f32(q), f32(k), f32(v), decay)
@@ -66,14 +68,23 @@ def test_head_dim_128():
   check_against_reference(q, k, v, decay, seg, cot)
 
 
-@pytest.mark.parametrize("d,normalize,ratio", [(64, True, 1), (128, False, 2), (128, True, 1)])
-def test_lowers_for_cuda_forward_and_backward(d, normalize, ratio):
+def test_chunk_128_head_dim_128_gqa():
+  """Chunk 128: three chunks, the last ragged, segments and gates crossing chunk boundaries."""
+  q, k, v, decay, seg, cot = inputs(3, 1, 300, 2, 1, 128, decay_kind="gates", segments=True)
+  check_against_reference(q, k, v, decay, seg, cot, chunk_size=128)
+
+
+@pytest.mark.parametrize("d,normalize,ratio,chunk", [(64, True, 1, 64), (128, False, 2, 64),
+                                                     (128, True, 1, 64), (128, True, 2, 128)])
+def test_lowers_for_cuda_forward_and_backward(d, normalize, ratio, chunk):
+  """At head dim 128 and chunk 128 this is also the shared-memory budget check (Hopper's 227
+  KiB per block), which the lowering enforces."""
   q, k, v, decay, seg, _ = inputs(0, 2, 1000, 2 * ratio, 2, d, decay_kind="gates", segments=True)
   q, k, v = (x.astype(jnp.bfloat16) for x in (q, k, v))
 
   def loss(q, k, v, g):
     return jnp.sum(f32(linear_attention_gpu(q, k, v, decay=g, segment_ids=seg,
-                                            normalize=normalize)))
+                                            normalize=normalize, chunk_size=chunk)))
 
   grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))
   text = export.export(grads, platforms=("cuda",))(q, k, v, decay).mlir_module()
@@ -81,7 +92,7 @@ def test_lowers_for_cuda_forward_and_backward(d, normalize, ratio):
   assert text.count("mosaic_gpu") >= 6, "expected the six Mosaic GPU kernels"
 
 
-@pytest.mark.parametrize("kwargs,match", [(dict(chunk_size=128), "chunk_size 64 .*got 128"),
+@pytest.mark.parametrize("kwargs,match", [(dict(chunk_size=32), "chunk_size 64 or 128; got 32"),
                                           (dict(d=32), "head dims 64 or 128; got 32")])
 def test_bad_inputs_get_one_line_errors(kwargs, match):
   q = jnp.zeros((1, 64, 1, kwargs.pop("d", 64)), jnp.bfloat16)

@@ -15,8 +15,9 @@ Backward (custom_vjp; the states are recomputed, nothing per chunk is kept from 
      phi(q).dq - phi(k).dk reverse-cumsummed, as in the TPU kernels.
 The per-token scalars (b, qs, ks, decay; segment resets folded in) are the TPU kernels' (see
 linear/pallas_tpu.py); the normaliser's inter-chunk part qs * (phi(q) . z_c) and the division
-are jnp (autodiff carries them). Chunks are 64 tokens: at 128 the backward's tiles overflow
-shared memory at head dim 128.
+are jnp (autodiff carries them). Chunks of 64 or 128 tokens: the backward keeps only operand
+tiles in shared memory (its fp32 results go from registers to memory), so 128 fits at head
+dim 128.
 
 Status: validated in Mosaic GPU interpret mode on the CPU and by lowering for CUDA
 (tests/test_linear_gpu_kernel.py); not yet run on a GPU. It is impl="pallas" on GPUs;
@@ -37,7 +38,7 @@ from pallas_kernels.linear.reference import EPS, apply_feature_map, log_gates
 DTYPES = (jnp.bfloat16, jnp.float16)
 VALUE_SLICE = 64
 SMEM_BYTES = 227 * 1024  # Hopper's shared memory per block
-CHUNK = 64
+CHUNK_SIZES = (64, 128)
 
 
 def _transforms(dtype):
@@ -200,7 +201,9 @@ def _chunk_grads(fq, fk, v, dn, drows, states, dstates, bcum, qs, ks, seg, *, ch
   """Per chunk, in parallel, with P = (dN V^T + dR 1^T) * W and A = (Q K^T) * W:
     which="dq":  dq = P K + qs * (dN S_c^T)                    [B, Tp, Hq, D] fp32
     which="dkv": dk = P^T Q + ks * (V dH_c^T),  dv = A^T dN + ks * (K dH_c)
-  (dk, dv per query head, fp32; the caller sums each group)."""
+  (dk, dv per query head, fp32; the caller sums each group). Shared memory holds only the
+  operand tiles (5 for dq, 6 for dk/dv; A reuses P's buffer once dk is done) and the fp32
+  results go from registers straight to memory, so chunk 128 fits at head dim 128."""
   b, tp, hq, d = fq.shape
   dv = v.shape[-1]
   n = tp // chunk
@@ -213,18 +216,19 @@ def _chunk_grads(fq, fk, v, dn, drows, states, dstates, bcum, qs, ks, seg, *, ch
   def kernel(q_gmem, k_gmem, v_gmem, dn_gmem, dr_gmem, s_gmem, b_gmem, b2_gmem, qs_gmem, ks_gmem,
              seg_gmem, seg2_gmem, *rest):
     if which == "dq":
-      dq_gmem, q_smem, k_smem, v_smem, dn_smem, s_smem, p_smem, out_smem, barrier = rest
+      dq_gmem, k_smem, v_smem, dn_smem, s_smem, p_smem, barrier = rest
     else:
-      (dk_gmem, dv_gmem, q_smem, k_smem, v_smem, dn_smem, s_smem, p_smem, a_smem, out_smem,
-       out2_smem, barrier) = rest
+      dk_gmem, dv_gmem, q_smem, k_smem, v_smem, dn_smem, s_smem, p_smem, barrier = rest
     c, h, bi = (jax.lax.axis_index(x) for x in ("c", "h", "b"))
     kvh = h // group
     t0 = c * chunk
-    for src, dst in ((q_gmem.at[bi, pl.ds(t0, chunk), h], q_smem),
-                     (k_gmem.at[bi, pl.ds(t0, chunk), kvh], k_smem),
-                     (v_gmem.at[bi, pl.ds(t0, chunk), kvh], v_smem),
-                     (dn_gmem.at[bi, pl.ds(t0, chunk), h], dn_smem),
-                     (s_gmem.at[bi, h, pl.ds(c * d, d)], s_smem)):
+    copies = [(k_gmem.at[bi, pl.ds(t0, chunk), kvh], k_smem),
+              (v_gmem.at[bi, pl.ds(t0, chunk), kvh], v_smem),
+              (dn_gmem.at[bi, pl.ds(t0, chunk), h], dn_smem),
+              (s_gmem.at[bi, h, pl.ds(c * d, d)], s_smem)]
+    if which == "dkv":
+      copies.append((q_gmem.at[bi, pl.ds(t0, chunk), h], q_smem))
+    for src, dst in copies:
       plgpu.copy_gmem_to_smem(src, dst, barrier)
       plgpu.barrier_wait(barrier)
     vec = lambda ref: _row_vector(ref, t0, chunk, wg.reduce(1))
@@ -235,49 +239,34 @@ def _chunk_grads(fq, fk, v, dn, drows, states, dstates, bcum, qs, ks, seg, *, ch
     _stage(p, p_smem)
     if which == "dq":
       qs_rows = vec(qs_gmem.at[bi, h])
-      dq = (_product(p_smem, k_smem, (chunk, d))
-            + jax.lax.broadcast_in_dim(qs_rows, (chunk, d), [0])
-            * _product(dn_smem, s_smem.T, (chunk, d)))
-      out_smem[...] = dq
-      plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(out_smem, dq_gmem.at[bi, pl.ds(t0, chunk), h])
-    else:
-      ks_rows = vec(ks_gmem.at[bi, h])
-      a = _product(q_smem, k_smem.T, shape) * w
-      _stage(a, a_smem)
-      dk = (_product(p_smem.T, q_smem, (chunk, d))
-            + jax.lax.broadcast_in_dim(ks_rows, (chunk, d), [0])
-            * _product(v_smem, s_smem.T, (chunk, d)))
-      dvv = (_product(a_smem.T, dn_smem, (chunk, dv))
-             + jax.lax.broadcast_in_dim(ks_rows, (chunk, dv), [0])
-             * _product(k_smem, s_smem, (chunk, dv)))
-      out_smem[...] = dk
-      out2_smem[...] = dvv
-      plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(out_smem, dk_gmem.at[bi, pl.ds(t0, chunk), h])
-      plgpu.copy_smem_to_gmem(out2_smem, dv_gmem.at[bi, pl.ds(t0, chunk), h])
-    plgpu.wait_smem_to_gmem(0)
+      dq_gmem.at[bi, pl.ds(t0, chunk), h][...] = (
+          _product(p_smem, k_smem, (chunk, d))
+          + jax.lax.broadcast_in_dim(qs_rows, (chunk, d), [0])
+          * _product(dn_smem, s_smem.T, (chunk, d)))
+      return
+    ks_rows = vec(ks_gmem.at[bi, h])
+    dk_gmem.at[bi, pl.ds(t0, chunk), h][...] = (
+        _product(p_smem.T, q_smem, (chunk, d))
+        + jax.lax.broadcast_in_dim(ks_rows, (chunk, d), [0])
+        * _product(v_smem, s_smem.T, (chunk, d)))
+    a = _product(q_smem, k_smem.T, shape) * w  # P's products have finished: reuse its buffer
+    _stage(a, p_smem)
+    dv_gmem.at[bi, pl.ds(t0, chunk), h][...] = (
+        _product(p_smem.T, dn_smem, (chunk, dv))
+        + jax.lax.broadcast_in_dim(ks_rows, (chunk, dv), [0])
+        * _product(k_smem, s_smem, (chunk, dv)))
 
-  tiles = [plgpu.SMEM((chunk, d), dtype, transforms=tr),
-           plgpu.SMEM((chunk, d), dtype, transforms=tr),
-           plgpu.SMEM((chunk, dv), dtype, transforms=tr),
-           plgpu.SMEM((chunk, dv), dtype, transforms=tr),
-           plgpu.SMEM((d, dv), dtype, transforms=tr),
-           plgpu.SMEM(shape, dtype, transforms=tr)]
+  tile = lambda rows, cols: plgpu.SMEM((rows, cols), dtype, transforms=tr)
+  scratch = [tile(chunk, d), tile(chunk, dv), tile(chunk, dv), tile(d, dv), tile(chunk, chunk)]
   f32_out = lambda width: jax.ShapeDtypeStruct((b, tp, hq, width), jnp.float32)
   if which == "dq":
-    out_type = f32_out(d)
-    scratch = tiles + [plgpu.SMEM((chunk, d), jnp.float32), plgpu.Barrier()]
-    state_like = states
+    out_type, state_like = f32_out(d), states
   else:
-    out_type = (f32_out(d), f32_out(dv))
-    scratch = tiles + [plgpu.SMEM(shape, dtype, transforms=tr),
-                       plgpu.SMEM((chunk, d), jnp.float32), plgpu.SMEM((chunk, dv), jnp.float32),
-                       plgpu.Barrier()]
-    state_like = dstates
+    out_type, state_like = (f32_out(d), f32_out(dv)), dstates
+    scratch = [tile(chunk, d)] + scratch
   return plgpu.kernel(
       kernel, out_type=out_type, grid=(n, hq, b), grid_names=("c", "h", "b"),
-      scratch_types=tuple(scratch), interpret=interpret or False)(
+      scratch_types=tuple(scratch) + (plgpu.Barrier(),), interpret=interpret or False)(
           fq, fk, v, dn, drows, state_like, bcum, bcum, qs, ks, seg, seg)
 
 
@@ -372,11 +361,11 @@ def _linear_gpu(fq, fk, v, g, seg, chunk, normalize, interpret):
 def linear_attention_gpu(q, k, v, *, feature_map="elu1", decay=None, normalize=True,
                          chunk_size=64, segment_ids=None, interpret=None):
   """The Mosaic GPU kernels, forward and backward. bf16/fp16 inputs (fp32 inputs run with bf16
-  operands), head dims 64 or 128, chunk 64. interpret=plgpu.InterpretGPUParams() runs them on
+  operands), head dims 64 or 128, chunk 64 or 128. interpret=plgpu.InterpretGPUParams() runs them on
   the CPU."""
-  if chunk_size != CHUNK:
-    raise ValueError(f"linear_attention: the Mosaic GPU kernel takes chunk_size {CHUNK} (the "
-                     f"backward's tiles at 128 overflow shared memory); got {chunk_size}")
+  if chunk_size not in CHUNK_SIZES:
+    raise ValueError(f"linear_attention: the Mosaic GPU kernel takes chunk_size 64 or 128; got "
+                     f"{chunk_size}")
   if q.shape[-1] not in (64, 128) or v.shape[-1] not in (64, 128):
     raise ValueError(f"linear_attention: the Mosaic GPU kernel takes head dims 64 or 128; got "
                      f"{q.shape[-1]} and {v.shape[-1]}")
