@@ -61,6 +61,10 @@ def _blockwise_impls():
   impls = {}
   if kernel_for("pallas") is not None:
     impls["ours (pallas)"] = functools.partial(blockwise_attention, impl="pallas")
+    if jax.default_backend() == "gpu":  # the forward schedules side by side (same backward)
+      from pallas_kernels.blockwise.pallas_gpu import flash_attention_gpu
+      impls["ours (pallas, one-warpgroup forward)"] = functools.partial(
+          flash_attention_gpu, schedule="one_warpgroup")
   else:
     impls["ours (reference)"] = functools.partial(blockwise_attention, impl="reference")
   if jax.default_backend() == "gpu":

@@ -49,6 +49,21 @@ def test_mosaic_gpu_kernel_gradients_match_the_fp32_reference(causal, d):
     np.testing.assert_allclose(got.astype(jnp.float32), want, atol=2e-2 * scale)
 
 
+@pytest.mark.parametrize("schedule", ["ws", "one_warpgroup"])
+@pytest.mark.parametrize("causal,ratio", [(True, 4), (False, 1)])
+def test_mosaic_gpu_forward_schedules_match_the_reference(schedule, causal, ratio):
+  """The warp-specialised forward (three warpgroups, TMA producer) and the plain one, on a
+  ragged length with segments, against the fp32 reference."""
+  from pallas_kernels.blockwise.pallas_gpu import flash_attention_gpu
+  q, k, v = _qkv(t=1900, hq=2 * ratio, hkv=2)
+  seg = jnp.asarray(np.repeat([[1] * 1000 + [2] * 900], 2, axis=0), jnp.int32)
+  got = jax.jit(lambda q, k, v: flash_attention_gpu(q, k, v, causal=causal, segment_ids=seg,
+                                                    schedule=schedule))(q, k, v)
+  want = dense_attention(*(x.astype(jnp.float32) for x in (q, k, v)), causal=causal,
+                         segment_ids=seg)
+  np.testing.assert_allclose(got.astype(jnp.float32), want, atol=3e-2)
+
+
 @pytest.mark.parametrize("window", [100, 1024])
 def test_mosaic_gpu_sliding_window_matches_the_reference(window):
   q, k, v = _qkv(t=1500)
@@ -58,14 +73,15 @@ def test_mosaic_gpu_sliding_window_matches_the_reference(window):
   np.testing.assert_allclose(got.astype(jnp.float32), want, atol=3e-2)
 
 
-@pytest.mark.parametrize("normalize", [True, False])
-def test_mosaic_gpu_linear_kernels_match_the_reference(normalize):
+@pytest.mark.parametrize("normalize,chunk", [(True, 64), (False, 64), (True, 128)])
+def test_mosaic_gpu_linear_kernels_match_the_reference(normalize, chunk):
   """Forward and the gradients of q, k, v and the gates, on the device."""
   q, k, v = _qkv(t=1000)
   gates = -jax.nn.softplus(jax.random.normal(jax.random.key(2), q.shape[:3]))
   seg = jnp.asarray(np.repeat([[1] * 600 + [2] * 400], 2, axis=0), jnp.int32)
   cot = jax.random.normal(jax.random.key(3), q.shape, jnp.float32)
-  kw = dict(segment_ids=seg, normalize=normalize, feature_map="elu1" if normalize else "identity")
+  kw = dict(segment_ids=seg, normalize=normalize, feature_map="elu1" if normalize else "identity",
+            chunk_size=chunk)
 
   def run(impl, cast):
     def f(q, k, v, g):

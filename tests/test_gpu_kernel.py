@@ -34,15 +34,17 @@ def inputs(seed, b, t, hq, hkv, d, segments, dtype=jnp.bfloat16):
   return mk(b, t, hq, d), mk(b, t, hkv, d), mk(b, t, hkv, d), seg, cot
 
 
-def check_against_reference(q, k, v, seg, cot, *, causal, pattern=None):
-  """Asserts out, dq, dk, dv of the kernels (flash_attention_gpu, or sparse_flash_gpu for a
-  pattern) equal the fp32 reference's on the same (bf16-rounded) values."""
+def check_against_reference(q, k, v, seg, cot, *, causal, pattern=None, schedule="ws"):
+  """Asserts out, dq, dk, dv of the kernels (flash_attention_gpu with the forward schedule
+  given, or sparse_flash_gpu for a pattern) equal the fp32 reference's on the same
+  (bf16-rounded) values."""
   interp = plgpu.InterpretGPUParams(uninitialized_memory="nan")
   f32 = lambda x: x.astype(jnp.float32)
 
   def kernel(q, k, v):
     if pattern is None:
-      out = flash_attention_gpu(q, k, v, causal=causal, segment_ids=seg, interpret=interp)
+      out = flash_attention_gpu(q, k, v, causal=causal, segment_ids=seg, interpret=interp,
+                                schedule=schedule)
     else:
       out = sparse_flash_gpu(q, k, v, pattern=pattern, causal=causal, segment_ids=seg,
                              interpret=interp)
@@ -76,6 +78,14 @@ def test_kernel_matches_reference_on_random_shapes(t, ratio, causal, segments, s
   check_against_reference(q, k, v, seg, cot, causal=causal)
 
 
+@pytest.mark.parametrize("t,causal,ratio", [(150, True, 2), (200, False, 1)])
+def test_one_warpgroup_forward_matches_reference(t, causal, ratio):
+  """The plain pipelined forward (schedule="one_warpgroup"; the tables of MoBA and block masks
+  always take it) on the causal / full formula."""
+  q, k, v, seg, cot = inputs(9, 1, t, 2 * ratio, 2, 64, True)
+  check_against_reference(q, k, v, seg, cot, causal=causal, schedule="one_warpgroup")
+
+
 @pytest.mark.parametrize("d", [128, 256])
 def test_head_dims(d):
   q, k, v, seg, cot = inputs(1, 1, 70, 2, 1, d, True)
@@ -98,10 +108,12 @@ def visible_blocks(qi, n, bq, bk, causal, window):
 
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("window", [1, 64, 100, 1000])
-def test_sliding_window_pipelines_visit_the_band_only(causal, window):
+@pytest.mark.parametrize("bq,bk", [(64, 64), (128, 128), (128, 64)])
+def test_sliding_window_pipelines_visit_the_band_only(causal, window, bq, bk):
   """The forward/dq key-block range and the dk/dv query-block range equal the brute-force band:
-  nothing outside it is loaded, nothing inside it skipped."""
-  n, bq, bk = 10, 64, 64
+  nothing outside it is loaded, nothing inside it skipped (128 x 128: the warp-specialised
+  forward's CTA and key tile)."""
+  n = 10
   visible = {qi: visible_blocks(qi, n, bq, bk, causal, window) for qi in range(n)}
   for i in range(n):
     first, end = (int(x) for x in _kv_range(i * bq, bq=bq, bk=bk, nk=n, causal=causal,
@@ -157,16 +169,17 @@ def test_moba_lowers_for_cuda_forward_and_backward():
   assert text.count("mosaic_gpu") >= 6, "the own-block and routed forward, dq and dk/dv kernels"
 
 
-@pytest.mark.parametrize("d,causal,ratio,window", [(64, True, 1, None), (128, True, 4, None),
-                                                   (128, False, 2, None), (256, True, 2, None),
-                                                   (128, True, 2, 300)])
-def test_lowers_for_cuda_forward_and_backward(d, causal, ratio, window):
-  """The path a GPU runs (register operands, no staging) lowers through Mosaic GPU."""
+@pytest.mark.parametrize("d,causal,ratio,window,schedule", [
+    (64, True, 1, None, "ws"), (128, True, 4, None, "ws"), (128, False, 2, None, "ws"),
+    (256, True, 2, None, "ws"), (128, True, 2, 300, "ws"), (128, True, 2, None, "one_warpgroup")])
+def test_lowers_for_cuda_forward_and_backward(d, causal, ratio, window, schedule):
+  """The path a GPU runs (register operands, no staging) lowers through Mosaic GPU, within
+  Hopper's shared memory."""
   q, k, v, seg, _ = inputs(0, 2, 1000, 2 * ratio, 2, d, True)
 
   def loss(q, k, v):
-    return jnp.sum(flash_attention_gpu(q, k, v, causal=causal, segment_ids=seg, window=window)
-                   .astype(jnp.float32))
+    return jnp.sum(flash_attention_gpu(q, k, v, causal=causal, segment_ids=seg, window=window,
+                                       schedule=schedule).astype(jnp.float32))
 
   exported = export.export(jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))),
                            platforms=("cuda",))(q, k, v)
@@ -185,13 +198,15 @@ def test_fp32_inputs_come_back_fp32():
     (dict(d=32), "head dims 64, 128, 192 or 256; got 32"),
     (dict(block_q=96), "multiples of 64"),
     (dict(alibi=True), "alibi_slopes"),
+    (dict(schedule="fa4"), "schedule='fa4' is not one of ws, one_warpgroup"),
 ])
 def test_bad_inputs_get_one_line_errors(kwargs, match):
   d = kwargs.get("d", 64)
   q = jnp.zeros((1, 64, 2, d), jnp.bfloat16)
   extra = {"alibi_slopes": jnp.ones((2,))} if kwargs.get("alibi") else {}
   with pytest.raises(ValueError, match=match):
-    flash_attention_gpu(q, q, q, block_q=kwargs.get("block_q", 64), **extra)
+    flash_attention_gpu(q, q, q, block_q=kwargs.get("block_q", 64),
+                        schedule=kwargs.get("schedule", "ws"), **extra)
 
 
 def test_api_interpret_gpu_and_auto_keeps_cudnn_on_gpu(monkeypatch):

@@ -36,6 +36,7 @@ from pallas_kernels._common import cdiv, pad_for_tiles, StaticConfig
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 LOG2E = math.log2(math.e)
 DTYPES = (jnp.bfloat16, jnp.float16)
+SCHEDULES = ("ws", "one_warpgroup")
 
 
 def _smem_transforms(dtype):
@@ -137,7 +138,6 @@ def _forward(q, k, v, q_seg, k_seg, ranges=None, *, causal, window, scale, s_len
         q0, bq=bq, bk=bk, nk=nk, causal=causal, window=window))
 
     def body(idx, k_smem, v_smem, carry):
-      acc, m_i, l_i = carry
       ki = block_at(idx[0])
 
       def qk(acc_ref):
@@ -147,26 +147,7 @@ def _forward(q, k, v, q_seg, k_seg, ranges=None, *, causal, window, scale, s_len
       s = pl.run_scoped(qk, plgpu.ACC((bq, bk), jnp.float32)) * (scale * LOG2E)
       keep = _query_major_mask(q0, ki, q_seg_rows, kseg_gmem.at[bi], bq=bq, bk=bk, s_len=s_len,
                                causal=causal, window=window)
-      s = jnp.where(keep, s, MASK_VALUE)
-      m_new = jnp.maximum(m_i, s.max(axis=1))
-      alpha = jnp.exp2(m_i - m_new)
-      p = jnp.where(keep, jnp.exp2(s - jax.lax.broadcast_in_dim(m_new, (bq, bk), [0])), 0.0)
-      l_i = l_i * alpha + p.sum(axis=1)
-
-      if p_smem is None:  # P from registers, as FlashAttention-3 does
-        p_lhs = p.astype(dtype)
-      else:  # P through shared memory (Mosaic GPU interpret mode takes wgmma operands there)
-        p_smem[...] = p.astype(dtype)
-        plgpu.commit_smem()
-        p_lhs = p_smem
-
-      def pv(acc_ref):  # a fresh accumulator (interpret mode cannot seed one from registers)
-        plgpu.wgmma(acc_ref, p_lhs, v_smem)
-        return acc_ref[...]
-
-      acc = (acc * jax.lax.broadcast_in_dim(alpha, (bq, d), [0])
-             + pl.run_scoped(pv, plgpu.ACC((bq, d), jnp.float32)))
-      return acc, m_new, l_i
+      return _online_softmax_step(s, keep, carry, v_smem, p_smem, d=d, dtype=dtype)
 
     spec = plgpu.BlockSpec((bk, d), lambda j: (block_at(j), 0), transforms=transforms)
     init = (plgpu.layout_cast(jnp.zeros((bq, d), jnp.float32), wg),
@@ -197,6 +178,117 @@ def _forward(q, k, v, q_seg, k_seg, ranges=None, *, causal, window, scale, s_len
       + ((plgpu.SMEM((bq, bk), dtype, transforms=_smem_transforms(dtype)),) if p_in_smem else ()),
       interpret=interpret or False)
   return call(q, k, v, q_seg, k_seg, *(() if ranges is None else (ranges,)))
+
+
+WS_ROWS = 64  # query rows per compute warpgroup (wgmma's M)
+WS_WARPGROUPS = 2  # compute warpgroups per CTA in the warp-specialised forward
+
+
+def _online_softmax_step(s, keep, carry, v_smem, p_smem, *, d, dtype):
+  """One key tile of the online softmax for one warpgroup's rows: s [rows, bk] scores in log2
+  units, keep its mask; carry (acc [rows, d], m [rows], l [rows]). P goes to the tensor cores
+  from registers, or through p_smem (interpret mode takes wgmma operands from memory only)."""
+  acc, m_i, l_i = carry
+  rows, bk = s.shape
+  s = jnp.where(keep, s, MASK_VALUE)
+  m_new = jnp.maximum(m_i, s.max(axis=1))
+  alpha = jnp.exp2(m_i - m_new)
+  p = jnp.where(keep, jnp.exp2(s - jax.lax.broadcast_in_dim(m_new, (rows, bk), [0])), 0.0)
+  l_i = l_i * alpha + p.sum(axis=1)
+  if p_smem is None:
+    p_lhs = p.astype(dtype)
+  else:
+    p_smem[...] = p.astype(dtype)
+    plgpu.commit_smem()
+    p_lhs = p_smem
+
+  def pv(acc_ref):  # a fresh accumulator (interpret mode cannot seed one from registers)
+    plgpu.wgmma(acc_ref, p_lhs, v_smem)
+    return acc_ref[...]
+
+  acc = (acc * jax.lax.broadcast_in_dim(alpha, (rows, d), [0])
+         + pl.run_scoped(pv, plgpu.ACC((rows, d), jnp.float32)))
+  return acc, m_new, l_i
+
+
+def _forward_ws(q, k, v, q_seg, k_seg, *, causal, window, scale, s_len, bk, stages, interpret,
+                p_in_smem):
+  """FlashAttention-3's forward schedule (warp specialisation), for the causal / full / window
+  formula (no tables): a CTA per (128 query rows, query head, batch) runs three warpgroups, two
+  compute warpgroups of 64 rows each and a memory warpgroup that streams the K/V tiles by TMA
+  into a ring of `stages` buffers (plgpu.emit_pipeline_warp_specialized), so loads never wait on
+  compute and one warpgroup's softmax overlaps the other's matmuls. The CTA walks the key
+  blocks of its 128 rows; each warpgroup masks its own. Tp must be a multiple of 128."""
+  b, tp, hq, d = q.shape
+  sp, hkv = k.shape[1], k.shape[2]
+  group = hq // hkv
+  dtype = q.dtype
+  rows, cta_rows = WS_ROWS, WS_ROWS * WS_WARPGROUPS
+  nk = sp // bk
+  wg = plgpu.Layout.WGMMA
+  transforms = _smem_transforms(dtype)
+
+  def kernel(q_gmem, k_gmem, v_gmem, qseg_gmem, kseg_gmem, o_gmem, lse_gmem, q_smem, lse_smem,
+             barrier, *p_smem):
+    qi, h, bi = (jax.lax.axis_index(n) for n in ("q", "h", "b"))
+    w = jax.lax.axis_index("wg")
+    kvh = h // group
+    first, end = _kv_range(qi * cta_rows, bq=cta_rows, bk=bk, nk=nk, causal=causal,
+                           window=window)
+    q0 = qi * cta_rows + w * rows  # this compute warpgroup's first query row
+    p_wg = p_smem[0].at[w] if p_smem else None
+
+    def compute(pipeline):
+      plgpu.copy_gmem_to_smem(q_gmem.at[bi, pl.ds(q0, rows), h], q_smem.at[w], barrier.at[w])
+      plgpu.barrier_wait(barrier.at[w])
+      q_seg_rows = plgpu.load(qseg_gmem.at[bi, pl.ds(q0, rows)], layout=wg.reduce(1),
+                              optimized=False)
+      init = (plgpu.layout_cast(jnp.zeros((rows, d), jnp.float32), wg),
+              plgpu.layout_cast(jnp.full((rows,), MASK_VALUE, jnp.float32), wg.reduce(1)),
+              plgpu.layout_cast(jnp.zeros((rows,), jnp.float32), wg.reduce(1)), q_seg_rows)
+      acc, m_i, l_i, _ = pipeline(init)
+      empty = l_i == 0.0
+      safe_l = jnp.where(empty, 1.0, l_i)
+      q_smem.at[w][...] = (acc / jax.lax.broadcast_in_dim(safe_l, (rows, d), [0])).astype(dtype)
+      lse_smem.at[w][...] = jnp.where(empty, jnp.inf, (m_i + jnp.log2(safe_l)) / LOG2E)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(q_smem.at[w], o_gmem.at[bi, pl.ds(q0, rows), h])
+      plgpu.copy_smem_to_gmem(lse_smem.at[w], lse_gmem.at[bi, h, pl.ds(q0, rows)])
+      plgpu.wait_smem_to_gmem(0)
+
+    def body(idx, k_smem, v_smem, carry):
+      *softmax_carry, q_seg_rows = carry
+      ki = first + idx[0]
+
+      def qk(acc_ref):
+        plgpu.wgmma(acc_ref, q_smem.at[w], k_smem.T)
+        return acc_ref[...]
+
+      s = pl.run_scoped(qk, plgpu.ACC((rows, bk), jnp.float32)) * (scale * LOG2E)
+      keep = _query_major_mask(q0, ki, q_seg_rows, kseg_gmem.at[bi], bq=rows, bk=bk,
+                               s_len=s_len, causal=causal, window=window)
+      return (*_online_softmax_step(s, keep, softmax_carry, v_smem, p_wg, d=d, dtype=dtype),
+              q_seg_rows)
+
+    spec = plgpu.BlockSpec((bk, d), lambda j: (first + j, 0), transforms=transforms)
+    plgpu.emit_pipeline_warp_specialized(
+        body, grid=(end - first,), memory_registers=40, in_specs=[spec, spec],
+        max_concurrent_steps=stages, wg_axis="wg", num_compute_wgs=WS_WARPGROUPS,
+        compute_context=compute)(k_gmem.at[bi, :, kvh], v_gmem.at[bi, :, kvh])
+
+  scratch = (plgpu.SMEM((WS_WARPGROUPS, rows, d), dtype, transforms=transforms),
+             plgpu.SMEM((WS_WARPGROUPS, rows), jnp.float32),
+             plgpu.Barrier(num_barriers=WS_WARPGROUPS))
+  if p_in_smem:
+    scratch += (plgpu.SMEM((WS_WARPGROUPS, rows, bk), dtype, transforms=transforms),)
+  call = plgpu.kernel(
+      kernel,
+      out_type=(jax.ShapeDtypeStruct((b, tp, hq, d), dtype),
+                jax.ShapeDtypeStruct((b, hq, tp), jnp.float32)),
+      grid=(tp // cta_rows, hq, b), grid_names=("q", "h", "b"),
+      num_threads=WS_WARPGROUPS + 1, thread_name="wg", scratch_types=scratch,
+      interpret=interpret or False)
+  return call(q, k, v, q_seg, k_seg)
 
 
 def _matmul(lhs, rhs_smem, shape, staging, dtype):
@@ -379,9 +471,18 @@ def _tables(tables):
   return tables["kv_ranges"], tables["q_ranges"], False
 
 
+def _warp_specialised(tables, kw) -> bool:
+  """Whether the forward runs the warp-specialised schedule (formula ranges only)."""
+  return tables is None and kw.get("schedule") == "ws"
+
+
 def _operands(q, k, v, segment_ids, tables, kw):
   if tables is not None and "q_seg" in tables:
     return q, k, v, tables["q_seg"], tables["k_seg"]
+  # The warp-specialised forward's CTA takes 128 query rows; the backward's tiles divide them.
+  if _warp_specialised(tables, kw):
+    return pad_for_tiles(q, k, v, segment_ids, math.lcm(WS_ROWS * WS_WARPGROUPS, kw["bq"]),
+                         math.lcm(kw["bk_ws"], kw["bk"]))
   return pad_for_tiles(q, k, v, segment_ids, kw["bq"], kw["bk"])
 
 
@@ -390,10 +491,13 @@ def _flash_gpu_fwd(q, k, v, segment_ids, tables, cfg):
   t = q.shape[1]
   qp, kp, vp, q_seg, k_seg = _operands(q, k, v, segment_ids, tables, kw)
   kv_table, _, lists = _tables(tables)
-  o, lse = _forward(qp, kp, vp, q_seg, k_seg, kv_table, causal=kw["causal"], window=kw["window"],
-                    scale=kw["scale"], s_len=kw["s_len"], bq=kw["bq"], bk=kw["bk"],
-                    stages=kw["stages"], interpret=kw["interpret"],
-                    p_in_smem=kw["stage_in_smem"], lists=lists)
+  common = dict(causal=kw["causal"], window=kw["window"], scale=kw["scale"], s_len=kw["s_len"],
+                stages=kw["stages"], interpret=kw["interpret"], p_in_smem=kw["stage_in_smem"])
+  if _warp_specialised(tables, kw):
+    o, lse = _forward_ws(qp, kp, vp, q_seg, k_seg, bk=kw["bk_ws"], **common)
+  else:
+    o, lse = _forward(qp, kp, vp, q_seg, k_seg, kv_table, bq=kw["bq"], bk=kw["bk"], lists=lists,
+                      **common)
   return (o[:, :t], lse[:, :, :t]), (qp, kp, vp, q_seg, k_seg, tables, o, lse, t, k.shape[1])
 
 
@@ -436,27 +540,36 @@ def _check(q, k, v, block_q, block_k):
 
 def flash_attention_gpu(q, k, v, *, causal=True, segment_ids=None, sm_scale=None,
                         alibi_slopes=None, block_q=64, block_k=64, stages=2, interpret=None,
-                        stage_in_smem=None, window=None):
+                        stage_in_smem=None, window=None, schedule="ws"):
   """Softmax attention on the Mosaic GPU kernels, forward and backward (custom_vjp).
   q [B, T, Hq, D], k/v [B, S, Hkv, D] in bf16/fp16 (fp32 inputs run with bf16 tensor-core
   operands and fp32 accumulation, and come back as fp32), D in 64..256 (a multiple of 64).
+  schedule: "ws" runs the forward warp-specialised (FlashAttention-3's: two compute warpgroups
+  and a TMA producer per CTA of 128 query rows), "one_warpgroup" the plain pipelined forward;
+  the backward kernels are the same. block_q, block_k are the tiles of the backward and of the
+  "one_warpgroup" forward; the "ws" forward takes 128 query rows per CTA and key tiles of 128
+  (64 above head dim 128).
   interpret=plgpu.InterpretGPUParams() runs it on the CPU; stage_in_smem (default: only when
   interpreting) feeds register operands of wgmma through shared memory."""
   if alibi_slopes is not None:
     raise ValueError("the Mosaic GPU attention kernel does not take alibi_slopes yet "
                      "(use impl='reference' or 'xla')")
+  if schedule not in SCHEDULES:
+    raise ValueError(f"schedule={schedule!r} is not one of {', '.join(SCHEDULES)}")
   if q.dtype == jnp.float32 and k.dtype == v.dtype == jnp.float32:
     out = flash_attention_gpu(q.astype(jnp.bfloat16), k.astype(jnp.bfloat16),
                               v.astype(jnp.bfloat16), causal=causal, segment_ids=segment_ids,
                               sm_scale=sm_scale, block_q=block_q, block_k=block_k, stages=stages,
-                              interpret=interpret, stage_in_smem=stage_in_smem, window=window)
+                              interpret=interpret, stage_in_smem=stage_in_smem, window=window,
+                              schedule=schedule)
     return out.astype(jnp.float32)
-  _check(q, k, v, block_q, block_k)
   d = q.shape[-1]
+  _check(q, k, v, block_q, block_k)
   if window is not None and (not isinstance(window, int) or window <= 0):
     raise ValueError(f"window={window!r} must be a positive int")
   scale = d ** -0.5 if sm_scale is None else float(sm_scale)
   cfg = _Config(causal=causal, window=window, scale=scale,
                 s_len=k.shape[1], bq=block_q, bk=block_k, stages=stages, interpret=interpret,
-                stage_in_smem=bool(interpret) if stage_in_smem is None else stage_in_smem)
+                stage_in_smem=bool(interpret) if stage_in_smem is None else stage_in_smem,
+                schedule=schedule, bk_ws=128 if d <= 128 else 64)
   return _flash_gpu(q, k, v, segment_ids, None, cfg)[0]
