@@ -78,12 +78,15 @@ def test_kernel_matches_reference_on_random_shapes(t, ratio, causal, segments, s
   check_against_reference(q, k, v, seg, cot, causal=causal)
 
 
-@pytest.mark.parametrize("t,causal,ratio", [(150, True, 2), (200, False, 1)])
-def test_one_warpgroup_forward_matches_reference(t, causal, ratio):
-  """The plain pipelined forward (schedule="one_warpgroup"; the tables of MoBA and block masks
-  always take it) on the causal / full formula."""
-  q, k, v, seg, cot = inputs(9, 1, t, 2 * ratio, 2, 64, True)
-  check_against_reference(q, k, v, seg, cot, causal=causal, schedule="one_warpgroup")
+@pytest.mark.parametrize("schedule", ["ws", "one_warpgroup"])
+@pytest.mark.parametrize("t,causal,ratio,segments", [(150, True, 2, True), (200, False, 1, False),
+                                                     (190, True, 4, False)])
+def test_both_forward_schedules_match_reference(schedule, t, causal, ratio, segments):
+  """The warp-specialised forward and the plain pipelined one (schedule="one_warpgroup"; the
+  tables of MoBA and block masks always take it) on the causal / full formula; without segment
+  ids the kernels mask the ragged tail by position alone."""
+  q, k, v, seg, cot = inputs(9, 1, t, 2 * ratio, 2, 64, segments)
+  check_against_reference(q, k, v, seg, cot, causal=causal, schedule=schedule)
 
 
 @pytest.mark.parametrize("d", [128, 256])
@@ -169,13 +172,15 @@ def test_moba_lowers_for_cuda_forward_and_backward():
   assert text.count("mosaic_gpu") >= 6, "the own-block and routed forward, dq and dk/dv kernels"
 
 
-@pytest.mark.parametrize("d,causal,ratio,window,schedule", [
-    (64, True, 1, None, "ws"), (128, True, 4, None, "ws"), (128, False, 2, None, "ws"),
-    (256, True, 2, None, "ws"), (128, True, 2, 300, "ws"), (128, True, 2, None, "one_warpgroup")])
-def test_lowers_for_cuda_forward_and_backward(d, causal, ratio, window, schedule):
+@pytest.mark.parametrize("d,causal,ratio,window,schedule,segments", [
+    (64, True, 1, None, "ws", True), (128, True, 4, None, "ws", True),
+    (128, False, 2, None, "ws", True), (256, True, 2, None, "ws", True),
+    (128, True, 2, 300, "ws", True), (128, True, 2, None, "one_warpgroup", True),
+    (128, True, 1, None, "ws", False)])
+def test_lowers_for_cuda_forward_and_backward(d, causal, ratio, window, schedule, segments):
   """The path a GPU runs (register operands, no staging) lowers through Mosaic GPU, within
   Hopper's shared memory."""
-  q, k, v, seg, _ = inputs(0, 2, 1000, 2 * ratio, 2, d, True)
+  q, k, v, seg, _ = inputs(0, 2, 1000, 2 * ratio, 2, d, segments)
 
   def loss(q, k, v):
     return jnp.sum(flash_attention_gpu(q, k, v, causal=causal, segment_ids=seg, window=window,

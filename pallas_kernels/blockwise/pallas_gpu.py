@@ -82,14 +82,18 @@ def _visits(table, lists, bi, h, i, formula):
 
 def _query_major_mask(q0, ki, q_seg_rows, k_seg_ref, *, bq, bk, s_len, causal, window):
   """keep [bq, bk] of the tile (query tile at q0, key tile ki) in the forward and dq kernels;
-  q_seg_rows [bq] (WGMMA rows), k_seg_ref the key segment ids [S] in memory."""
+  q_seg_rows [bq] (WGMMA rows) or None (no segment ids: nothing to load), k_seg_ref the key
+  segment ids [S] in memory."""
   wg = plgpu.Layout.WGMMA
   q_pos = q0 + plgpu.broadcasted_iota(jnp.int32, (bq, bk), 0, layout=wg)
   k_pos = ki * bk + plgpu.broadcasted_iota(jnp.int32, (bq, bk), 1, layout=wg)
-  k_seg_cols = plgpu.load(k_seg_ref.at[pl.ds(ki * bk, bk)], layout=wg.reduce(0), optimized=False)
-  return _tile_mask(q_pos, k_pos, jax.lax.broadcast_in_dim(q_seg_rows, (bq, bk), [0]),
-                    jax.lax.broadcast_in_dim(k_seg_cols, (bq, bk), [1]), s_len=s_len,
-                    causal=causal, window=window)
+  q_seg = k_seg = None
+  if q_seg_rows is not None:
+    k_seg_cols = plgpu.load(k_seg_ref.at[pl.ds(ki * bk, bk)], layout=wg.reduce(0),
+                            optimized=False)
+    q_seg = jax.lax.broadcast_in_dim(q_seg_rows, (bq, bk), [0])
+    k_seg = jax.lax.broadcast_in_dim(k_seg_cols, (bq, bk), [1])
+  return _tile_mask(q_pos, k_pos, q_seg, k_seg, s_len=s_len, causal=causal, window=window)
 
 
 def _split(rest, ranges):
@@ -102,8 +106,19 @@ def _seg_ref(seg_gmem, bi, h):
   return seg_gmem.at[bi, h] if len(seg_gmem.shape) == 3 else seg_gmem.at[bi]
 
 
+def _query_seg_rows(segments, seg_gmem, bi, h, q0, rows):
+  """The query tile's segment ids [rows] (WGMMA rows), or None without segment ids (the tail
+  is masked by position alone, so no ids are loaded)."""
+  if not segments:
+    return None
+  return plgpu.load(_seg_ref(seg_gmem, bi, h).at[pl.ds(q0, rows)],
+                    layout=plgpu.Layout.WGMMA.reduce(1), optimized=False)
+
+
 def _tile_mask(q_pos, k_pos, q_seg, k_seg, *, s_len, causal, window):
-  keep = (k_pos < s_len) & (q_seg == k_seg)
+  keep = k_pos < s_len
+  if q_seg is not None:
+    keep = keep & (q_seg == k_seg)
   if causal:
     keep = keep & (k_pos <= q_pos)
   if window is not None:
@@ -112,7 +127,7 @@ def _tile_mask(q_pos, k_pos, q_seg, k_seg, *, s_len, causal, window):
 
 
 def _forward(q, k, v, q_seg, k_seg, ranges=None, *, causal, window, scale, s_len, bq, bk, stages,
-             interpret, p_in_smem, lists=False):
+             interpret, p_in_smem, segments, lists=False):
   """ranges (optional): a table of each query tile's key blocks instead of the causal / window
   formula: [first, end) ranges [B, Hq, nq, 2], or with lists=True block lists
   [B, Hq, nq, 1 + n_max] (count, then blocks). q_seg is [B, Tp], or per head [B, Hq, Tp]."""
@@ -132,8 +147,7 @@ def _forward(q, k, v, q_seg, k_seg, ranges=None, *, causal, window, scale, s_len
     q0 = qi * bq
     plgpu.copy_gmem_to_smem(q_gmem.at[bi, pl.ds(q0, bq), h], q_smem, barrier)
     plgpu.barrier_wait(barrier)
-    q_seg_rows = plgpu.load(_seg_ref(qseg_gmem, bi, h).at[pl.ds(q0, bq)], layout=wg.reduce(1),
-                            optimized=False)
+    q_seg_rows = _query_seg_rows(segments, qseg_gmem, bi, h, q0, bq)
     steps, block_at = _visits(ranges_gmem, lists, bi, h, qi, lambda: _kv_range(
         q0, bq=bq, bk=bk, nk=nk, causal=causal, window=window))
 
@@ -212,7 +226,7 @@ def _online_softmax_step(s, keep, carry, v_smem, p_smem, *, d, dtype):
 
 
 def _forward_ws(q, k, v, q_seg, k_seg, *, causal, window, scale, s_len, bk, stages, interpret,
-                p_in_smem):
+                p_in_smem, segments):
   """FlashAttention-3's forward schedule (warp specialisation), for the causal / full / window
   formula (no tables): a CTA per (128 query rows, query head, batch) runs three warpgroups, two
   compute warpgroups of 64 rows each and a memory warpgroup that streams the K/V tiles by TMA
@@ -241,8 +255,7 @@ def _forward_ws(q, k, v, q_seg, k_seg, *, causal, window, scale, s_len, bk, stag
     def compute(pipeline):
       plgpu.copy_gmem_to_smem(q_gmem.at[bi, pl.ds(q0, rows), h], q_smem.at[w], barrier.at[w])
       plgpu.barrier_wait(barrier.at[w])
-      q_seg_rows = plgpu.load(qseg_gmem.at[bi, pl.ds(q0, rows)], layout=wg.reduce(1),
-                              optimized=False)
+      q_seg_rows = _query_seg_rows(segments, qseg_gmem, bi, h, q0, rows)
       init = (plgpu.layout_cast(jnp.zeros((rows, d), jnp.float32), wg),
               plgpu.layout_cast(jnp.full((rows,), MASK_VALUE, jnp.float32), wg.reduce(1)),
               plgpu.layout_cast(jnp.zeros((rows,), jnp.float32), wg.reduce(1)), q_seg_rows)
@@ -317,7 +330,7 @@ def _smem_product(a_smem, b_smem_t, shape):
 
 
 def _dq(q, k, v, do, lse, delta, q_seg, k_seg, ranges=None, *, causal, window, scale, s_len, bq,
-        bk, stages, interpret, stage_in_smem, lists=False):
+        bk, stages, interpret, stage_in_smem, segments, lists=False):
   b, tp, hq, d = q.shape
   sp, hkv = k.shape[1], k.shape[2]
   group = hq // hkv
@@ -339,8 +352,7 @@ def _dq(q, k, v, do, lse, delta, q_seg, k_seg, ranges=None, *, causal, window, s
     rows = lambda ref: plgpu.load(ref.at[bi, h, pl.ds(q0, bq)], layout=wg.reduce(1),
                                   optimized=False)
     lse_rows, delta_rows = rows(lse_gmem), rows(delta_gmem)
-    q_seg_rows = plgpu.load(_seg_ref(qseg_gmem, bi, h).at[pl.ds(q0, bq)], layout=wg.reduce(1),
-                            optimized=False)
+    q_seg_rows = _query_seg_rows(segments, qseg_gmem, bi, h, q0, bq)
     steps, block_at = _visits(ranges_gmem, lists, bi, h, qi, lambda: _kv_range(
         q0, bq=bq, bk=bk, nk=nk, causal=causal, window=window))
 
@@ -376,7 +388,7 @@ def _dq(q, k, v, do, lse, delta, q_seg, k_seg, ranges=None, *, causal, window, s
 
 
 def _dkv(q, k, v, do, lse, delta, q_seg, k_seg, ranges=None, *, causal, window, scale, s_len, bq,
-         bk, stages, interpret, stage_in_smem, lists=False):
+         bk, stages, interpret, stage_in_smem, segments, lists=False):
   """dk, dv per query head ([B, S, Hq, D] in the input dtype, written through the k and v
   tiles' shared memory once they are done); the caller sums each group in fp32."""
   b, tp, hq, d = q.shape
@@ -397,8 +409,8 @@ def _dkv(q, k, v, do, lse, delta, q_seg, k_seg, ranges=None, *, causal, window, 
     plgpu.barrier_wait(barrier)
     plgpu.copy_gmem_to_smem(v_gmem.at[bi, pl.ds(k0, bk), kvh], v_smem, barrier)
     plgpu.barrier_wait(barrier)
-    k_seg_rows = plgpu.load(kseg_gmem.at[bi, pl.ds(k0, bk)], layout=wg.reduce(1),
-                            optimized=False)
+    k_seg_rows = (plgpu.load(kseg_gmem.at[bi, pl.ds(k0, bk)], layout=wg.reduce(1),
+                             optimized=False) if segments else None)
     steps, block_at = _visits(ranges_gmem, lists, bi, h, ki, lambda: _q_range(
         k0, bq=bq, bk=bk, nq=nq, causal=causal, window=window))
 
@@ -411,11 +423,13 @@ def _dkv(q, k, v, do, lse, delta, q_seg, k_seg, ranges=None, *, causal, window, 
       s_t = _smem_product(k_smem, q_smem, (bk, bq)) * scale  # [keys, queries]
       k_pos = k0 + plgpu.broadcasted_iota(jnp.int32, (bk, bq), 0, layout=wg)
       q_pos = qi * bq + plgpu.broadcasted_iota(jnp.int32, (bk, bq), 1, layout=wg)
-      q_seg_cols = plgpu.load(_seg_ref(qseg_gmem, bi, h).at[pl.ds(qi * bq, bq)],
-                              layout=wg.reduce(0), optimized=False)
-      keep = _tile_mask(q_pos, k_pos, jax.lax.broadcast_in_dim(q_seg_cols, (bk, bq), [1]),
-                        jax.lax.broadcast_in_dim(k_seg_rows, (bk, bq), [0]), s_len=s_len,
-                        causal=causal, window=window)
+      q_seg = k_seg = None
+      if segments:
+        q_seg_cols = plgpu.load(_seg_ref(qseg_gmem, bi, h).at[pl.ds(qi * bq, bq)],
+                                layout=wg.reduce(0), optimized=False)
+        q_seg = jax.lax.broadcast_in_dim(q_seg_cols, (bk, bq), [1])
+        k_seg = jax.lax.broadcast_in_dim(k_seg_rows, (bk, bq), [0])
+      keep = _tile_mask(q_pos, k_pos, q_seg, k_seg, s_len=s_len, causal=causal, window=window)
       p_t = jnp.where(keep, jnp.exp(s_t - cols(lse_gmem)), 0.0)
       dp_t = _smem_product(v_smem, do_smem, (bk, bq))
       ds_t = p_t * (dp_t - cols(delta_gmem))
@@ -476,6 +490,12 @@ def _warp_specialised(tables, kw) -> bool:
   return tables is None and kw.get("schedule") == "ws"
 
 
+def _has_segments(tables, kw) -> bool:
+  """Whether the kernels compare segment ids (given ones, or a table's per-head ids); without,
+  they mask by position alone and load no ids."""
+  return kw.get("segments", True) or (tables is not None and "q_seg" in tables)
+
+
 def _operands(q, k, v, segment_ids, tables, kw):
   if tables is not None and "q_seg" in tables:
     return q, k, v, tables["q_seg"], tables["k_seg"]
@@ -492,7 +512,8 @@ def _flash_gpu_fwd(q, k, v, segment_ids, tables, cfg):
   qp, kp, vp, q_seg, k_seg = _operands(q, k, v, segment_ids, tables, kw)
   kv_table, _, lists = _tables(tables)
   common = dict(causal=kw["causal"], window=kw["window"], scale=kw["scale"], s_len=kw["s_len"],
-                stages=kw["stages"], interpret=kw["interpret"], p_in_smem=kw["stage_in_smem"])
+                stages=kw["stages"], interpret=kw["interpret"], p_in_smem=kw["stage_in_smem"],
+                segments=_has_segments(tables, kw))
   if _warp_specialised(tables, kw):
     o, lse = _forward_ws(qp, kp, vp, q_seg, k_seg, bk=kw["bk_ws"], **common)
   else:
@@ -512,7 +533,7 @@ def _flash_gpu_bwd(cfg, res, cotangents):
   delta = delta - jnp.pad(dlse.astype(jnp.float32), ((0, 0), (0, 0), (0, tp - t)))
   common = dict(causal=kw["causal"], window=kw["window"], scale=kw["scale"], s_len=kw["s_len"],
                 bq=kw["bq"], bk=kw["bk"], stages=kw["stages"], interpret=kw["interpret"],
-                stage_in_smem=kw["stage_in_smem"])
+                stage_in_smem=kw["stage_in_smem"], segments=_has_segments(tables, kw))
   args = (qp, kp, vp, do_p, lse, delta, q_seg, k_seg)
   kv_table, q_table, lists = _tables(tables)
   dq = _dq(*args, kv_table, lists=lists, **common)
@@ -571,5 +592,6 @@ def flash_attention_gpu(q, k, v, *, causal=True, segment_ids=None, sm_scale=None
   cfg = _Config(causal=causal, window=window, scale=scale,
                 s_len=k.shape[1], bq=block_q, bk=block_k, stages=stages, interpret=interpret,
                 stage_in_smem=bool(interpret) if stage_in_smem is None else stage_in_smem,
-                schedule=schedule, bk_ws=128 if d <= 128 else 64)
+                schedule=schedule, bk_ws=128 if d <= 128 else 64,
+                segments=segment_ids is not None)
   return _flash_gpu(q, k, v, segment_ids, None, cfg)[0]

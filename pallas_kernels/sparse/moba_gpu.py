@@ -47,7 +47,8 @@ def moba_gpu(q, k, v, *, pattern, segment_ids=None, sm_scale=None, alibi_slopes=
   scale = d ** -0.5 if sm_scale is None else float(sm_scale)
   stage = bool(interpret) if stage_in_smem is None else stage_in_smem
   config = lambda causal: _Config(causal=causal, window=None, scale=scale, s_len=t, bq=TILE,
-                                  bk=TILE, stages=2, interpret=interpret, stage_in_smem=stage)
+                                  bk=TILE, stages=2, interpret=interpret, stage_in_smem=stage,
+                                  segments=segment_ids is not None)
 
   n_tiles = cdiv(t, TILE)
   kv_own, q_own = _own_block_ranges(n_tiles, per_block)
