@@ -1,18 +1,26 @@
 """Flash attention as Pallas Mosaic GPU (Hopper) kernels, forward and backward.
 
-One CTA (one warpgroup) per (query block, query head, batch): the query tile is copied to shared
-memory by TMA once; key/value tiles stream through a software pipeline (plgpu.emit_pipeline,
-two stages in flight); S = Q K^T and O += P V run on the tensor cores (wgmma) with fp32
-accumulation; the running max and sum stay in registers (online softmax). Causal attention
-stops the pipeline at the diagonal and a sliding window (window=w: |t - s| < w) also starts it
-at the window's first block, so masked tiles are neither loaded nor computed. GQA: the
-key/value head of query head h is h // (Hq // Hkv), read in place. Segment ids and the padded
-tail are masked by position inside each tile.
+Every kernel is a CTA per (tile of rows, head, batch) whose rows stay in shared memory while the
+other side's tiles stream past through a pipeline. Two schedules (flash_attention_gpu's
+`schedule`):
+- "ws" (default): warp specialisation, as FlashAttention-3: two compute warpgroups of 64 rows
+  each and a producer warpgroup that only issues the TMA copies into a ring of shared-memory
+  buffers (plgpu.emit_pipeline_warp_specialized), so loads never wait on compute and one
+  warpgroup's softmax overlaps the other's matmuls; each streamed tile serves 128 rows.
+- "one_warpgroup": one warpgroup per CTA and a software pipeline (plgpu.emit_pipeline). The
+  tables of MoBA and block masks (per 64-row tile) always run this one.
 
-Backward (FlashAttention-2's, from the saved log-sum-exp): a dq kernel per query block walks the
-key blocks up to the diagonal; a dk/dv kernel per (key block, query head) walks the query
-blocks from the diagonal on, computing the transposed tiles (keys as rows) so that both
-products accumulate on the tensor cores. dk, dv are per query head, summed over each group.
+Forward: S = Q K^T and O += P V on the tensor cores (wgmma) with fp32 accumulation, the online
+softmax in registers (log2 domain). Causal attention stops the pipeline at the diagonal and a
+sliding window (window=w: |t - s| < w) also starts it at the window's first block, so masked
+tiles are neither loaded nor computed. GQA: the key/value head of query head h is
+h // (Hq // Hkv), read in place. Segment ids (when given) and the padded tail are masked by
+position inside each tile.
+
+Backward (FlashAttention-2's, from the saved log-sum-exp): a dq kernel per query tile walks the
+key tiles up to the diagonal; a dk/dv kernel per (key tile, query head) walks the query tiles
+from the diagonal on, computing the transposed tiles (keys as rows) so that both products
+accumulate on the tensor cores. dk, dv are per query head, summed over each group.
 
 Layout: [B, T, H, D] as the API takes it (TMA reads the strided head slices); T is padded to the
 tile.
@@ -126,76 +134,55 @@ def _tile_mask(q_pos, k_pos, q_seg, k_seg, *, s_len, causal, window):
   return keep
 
 
-def _forward(q, k, v, q_seg, k_seg, ranges=None, *, causal, window, scale, s_len, bq, bk, stages,
-             interpret, p_in_smem, segments, lists=False):
-  """ranges (optional): a table of each query tile's key blocks instead of the causal / window
-  formula: [first, end) ranges [B, Hq, nq, 2], or with lists=True block lists
-  [B, Hq, nq, 1 + n_max] (count, then blocks). q_seg is [B, Tp], or per head [B, Hq, Tp]."""
-  b, tp, hq, d = q.shape
-  sp, hkv = k.shape[1], k.shape[2]
-  group = hq // hkv
-  dtype = q.dtype
-  nk = sp // bk
-  wg = plgpu.Layout.WGMMA
-  transforms = _smem_transforms(dtype)
-
-  def kernel(q_gmem, k_gmem, v_gmem, qseg_gmem, kseg_gmem, *rest):
-    ranges_gmem, (o_gmem, lse_gmem, q_smem, lse_smem, barrier, *p_smem) = _split(rest, ranges)
-    p_smem = p_smem[0] if p_smem else None
-    qi, h, bi = (jax.lax.axis_index(n) for n in ("q", "h", "b"))
-    kvh = h // group
-    q0 = qi * bq
-    plgpu.copy_gmem_to_smem(q_gmem.at[bi, pl.ds(q0, bq), h], q_smem, barrier)
-    plgpu.barrier_wait(barrier)
-    q_seg_rows = _query_seg_rows(segments, qseg_gmem, bi, h, q0, bq)
-    steps, block_at = _visits(ranges_gmem, lists, bi, h, qi, lambda: _kv_range(
-        q0, bq=bq, bk=bk, nk=nk, causal=causal, window=window))
-
-    def body(idx, k_smem, v_smem, carry):
-      ki = block_at(idx[0])
-
-      def qk(acc_ref):
-        plgpu.wgmma(acc_ref, q_smem, k_smem.T)
-        return acc_ref[...]
-
-      s = pl.run_scoped(qk, plgpu.ACC((bq, bk), jnp.float32)) * (scale * LOG2E)
-      keep = _query_major_mask(q0, ki, q_seg_rows, kseg_gmem.at[bi], bq=bq, bk=bk, s_len=s_len,
-                               causal=causal, window=window)
-      return _online_softmax_step(s, keep, carry, v_smem, p_smem, d=d, dtype=dtype)
-
-    spec = plgpu.BlockSpec((bk, d), lambda j: (block_at(j), 0), transforms=transforms)
-    init = (plgpu.layout_cast(jnp.zeros((bq, d), jnp.float32), wg),
-            plgpu.layout_cast(jnp.full((bq,), MASK_VALUE, jnp.float32), wg.reduce(1)),
-            plgpu.layout_cast(jnp.zeros((bq,), jnp.float32), wg.reduce(1)))
-    acc, m_i, l_i = plgpu.emit_pipeline(
-        body, grid=(steps,), in_specs=[spec, spec], max_concurrent_steps=stages,
-        init_carry=init)(k_gmem.at[bi, :, kvh], v_gmem.at[bi, :, kvh])
-
-    empty = l_i == 0.0
-    safe_l = jnp.where(empty, 1.0, l_i)
-    q_smem[...] = (acc / jax.lax.broadcast_in_dim(safe_l, (bq, d), [0])).astype(dtype)
-    # lse in natural log; rows with no key get +inf (the backward's exp(s - lse) is then 0).
-    lse_smem[...] = jnp.where(empty, jnp.inf, (m_i + jnp.log2(safe_l)) / LOG2E)
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(q_smem, o_gmem.at[bi, pl.ds(q0, bq), h])
-    plgpu.copy_smem_to_gmem(lse_smem, lse_gmem.at[bi, h, pl.ds(q0, bq)])
-    plgpu.wait_smem_to_gmem(0)
-
-  call = plgpu.kernel(
-      kernel,
-      out_type=(jax.ShapeDtypeStruct((b, tp, hq, d), dtype),
-                jax.ShapeDtypeStruct((b, hq, tp), jnp.float32)),
-      grid=(tp // bq, hq, b), grid_names=("q", "h", "b"),
-      scratch_types=(plgpu.SMEM((bq, d), dtype, transforms=transforms),
-                     plgpu.SMEM((bq,), jnp.float32),
-                     plgpu.Barrier())
-      + ((plgpu.SMEM((bq, bk), dtype, transforms=_smem_transforms(dtype)),) if p_in_smem else ()),
-      interpret=interpret or False)
-  return call(q, k, v, q_seg, k_seg, *(() if ranges is None else (ranges,)))
+WS_WARPGROUPS = 2  # compute warpgroups per CTA under warp specialisation
 
 
-WS_ROWS = 64  # query rows per compute warpgroup (wgmma's M)
-WS_WARPGROUPS = 2  # compute warpgroups per CTA in the warp-specialised forward
+def _warpgroup_pipeline(body, setup, finish, *, ws, steps, specs, stages, gmem_refs):
+  """Streams `steps` tiles of gmem_refs (by specs) through shared memory into body, for one
+  warpgroup (ws=False: plgpu.emit_pipeline, the kernel's only warpgroup, w = 0) or for
+  WS_WARPGROUPS compute warpgroups fed by a producer warpgroup that only issues the TMA copies
+  (ws=True: FlashAttention-3's warp specialisation; w = the compute warpgroup). Each compute
+  warpgroup runs setup(w) -> (carry, context) (its own loads), then body(context, step, *tiles,
+  carry) -> carry per tile, then finish(w, carry)."""
+  if not ws:
+    carry, context = setup(0)
+
+    def plain_body(idx, *refs):
+      *tiles, carry = refs
+      return body(context, idx[0], *tiles, carry)
+
+    finish(0, plgpu.emit_pipeline(plain_body, grid=(steps,), in_specs=specs,
+                                  max_concurrent_steps=stages, init_carry=carry)(*gmem_refs))
+    return
+  w = jax.lax.axis_index("wg")
+
+  def compute(pipeline):
+    carry, context = setup(w)
+    finish(w, pipeline((carry, context))[0])
+
+  def ws_body(idx, *refs):  # the context rides in the carry: setup ran inside compute()
+    *tiles, (carry, context) = refs
+    return body(context, idx[0], *tiles, carry), context
+
+  plgpu.emit_pipeline_warp_specialized(
+      ws_body, grid=(steps,), memory_registers=40, in_specs=specs, max_concurrent_steps=stages,
+      wg_axis="wg", num_compute_wgs=WS_WARPGROUPS, compute_context=compute)(*gmem_refs)
+
+
+def _warpgroup():
+  """Inside a kernel body: this compute warpgroup's index (0 without warp specialisation)."""
+  return jax.lax.axis_index("wg")
+
+
+def _launch(kernel, *, out_type, grid, grid_names, scratch, ws, interpret):
+  threads = dict(num_threads=WS_WARPGROUPS + 1, thread_name="wg") if ws else {}
+  return plgpu.kernel(kernel, out_type=out_type, grid=grid, grid_names=grid_names,
+                      scratch_types=scratch, interpret=interpret or False, **threads)
+
+
+def _copy_in(src, dst, barrier):
+  plgpu.copy_gmem_to_smem(src, dst, barrier)
+  plgpu.barrier_wait(barrier)
 
 
 def _online_softmax_step(s, keep, carry, v_smem, p_smem, *, d, dtype):
@@ -209,99 +196,77 @@ def _online_softmax_step(s, keep, carry, v_smem, p_smem, *, d, dtype):
   alpha = jnp.exp2(m_i - m_new)
   p = jnp.where(keep, jnp.exp2(s - jax.lax.broadcast_in_dim(m_new, (rows, bk), [0])), 0.0)
   l_i = l_i * alpha + p.sum(axis=1)
-  if p_smem is None:
-    p_lhs = p.astype(dtype)
-  else:
-    p_smem[...] = p.astype(dtype)
-    plgpu.commit_smem()
-    p_lhs = p_smem
-
-  def pv(acc_ref):  # a fresh accumulator (interpret mode cannot seed one from registers)
-    plgpu.wgmma(acc_ref, p_lhs, v_smem)
-    return acc_ref[...]
-
-  acc = (acc * jax.lax.broadcast_in_dim(alpha, (rows, d), [0])
-         + pl.run_scoped(pv, plgpu.ACC((rows, d), jnp.float32)))
-  return acc, m_new, l_i
+  # A fresh accumulator for P V (interpret mode cannot seed one from registers).
+  pv = _matmul(p, v_smem, (rows, d), p_smem, dtype)
+  return acc * jax.lax.broadcast_in_dim(alpha, (rows, d), [0]) + pv, m_new, l_i
 
 
-def _forward_ws(q, k, v, q_seg, k_seg, *, causal, window, scale, s_len, bk, stages, interpret,
-                p_in_smem, segments):
-  """FlashAttention-3's forward schedule (warp specialisation), for the causal / full / window
-  formula (no tables): a CTA per (128 query rows, query head, batch) runs three warpgroups, two
-  compute warpgroups of 64 rows each and a memory warpgroup that streams the K/V tiles by TMA
-  into a ring of `stages` buffers (plgpu.emit_pipeline_warp_specialized), so loads never wait on
-  compute and one warpgroup's softmax overlaps the other's matmuls. The CTA walks the key
-  blocks of its 128 rows; each warpgroup masks its own. Tp must be a multiple of 128."""
+def _forward(q, k, v, q_seg, k_seg, ranges=None, *, causal, window, scale, s_len, bq, bk, stages,
+             interpret, p_in_smem, segments, lists=False, ws=False):
+  """(o [B, Tp, Hq, D], lse [B, Hq, Tp]). A CTA per (query rows, query head, batch): bq rows, or
+  with ws WS_WARPGROUPS x bq rows, one compute warpgroup per bq. ranges (optional, not with
+  ws): a table of each query tile's key blocks instead of the causal / window formula:
+  [first, end) ranges [B, Hq, nq, 2], or with lists=True block lists [B, Hq, nq, 1 + n_max]
+  (count, then blocks). q_seg is [B, Tp], or per head [B, Hq, Tp]."""
   b, tp, hq, d = q.shape
   sp, hkv = k.shape[1], k.shape[2]
   group = hq // hkv
   dtype = q.dtype
-  rows, cta_rows = WS_ROWS, WS_ROWS * WS_WARPGROUPS
   nk = sp // bk
+  n_wg = WS_WARPGROUPS if ws else 1
+  cta_rows = n_wg * bq
   wg = plgpu.Layout.WGMMA
   transforms = _smem_transforms(dtype)
 
-  def kernel(q_gmem, k_gmem, v_gmem, qseg_gmem, kseg_gmem, o_gmem, lse_gmem, q_smem, lse_smem,
-             barrier, *p_smem):
+  def kernel(q_gmem, k_gmem, v_gmem, qseg_gmem, kseg_gmem, *rest):
+    ranges_gmem, (o_gmem, lse_gmem, q_smem, lse_smem, barrier, *p_smem) = _split(rest, ranges)
     qi, h, bi = (jax.lax.axis_index(n) for n in ("q", "h", "b"))
-    w = jax.lax.axis_index("wg")
     kvh = h // group
-    first, end = _kv_range(qi * cta_rows, bq=cta_rows, bk=bk, nk=nk, causal=causal,
-                           window=window)
-    q0 = qi * cta_rows + w * rows  # this compute warpgroup's first query row
-    p_wg = p_smem[0].at[w] if p_smem else None
+    steps, block_at = _visits(ranges_gmem, lists, bi, h, qi, lambda: _kv_range(
+        qi * cta_rows, bq=cta_rows, bk=bk, nk=nk, causal=causal, window=window))
+    first_row = lambda w: qi * cta_rows + w * bq
 
-    def compute(pipeline):
-      plgpu.copy_gmem_to_smem(q_gmem.at[bi, pl.ds(q0, rows), h], q_smem.at[w], barrier.at[w])
-      plgpu.barrier_wait(barrier.at[w])
-      q_seg_rows = _query_seg_rows(segments, qseg_gmem, bi, h, q0, rows)
-      init = (plgpu.layout_cast(jnp.zeros((rows, d), jnp.float32), wg),
-              plgpu.layout_cast(jnp.full((rows,), MASK_VALUE, jnp.float32), wg.reduce(1)),
-              plgpu.layout_cast(jnp.zeros((rows,), jnp.float32), wg.reduce(1)), q_seg_rows)
-      acc, m_i, l_i, _ = pipeline(init)
+    def setup(w):
+      _copy_in(q_gmem.at[bi, pl.ds(first_row(w), bq), h], q_smem.at[w], barrier.at[w])
+      init = (plgpu.layout_cast(jnp.zeros((bq, d), jnp.float32), wg),
+              plgpu.layout_cast(jnp.full((bq,), MASK_VALUE, jnp.float32), wg.reduce(1)),
+              plgpu.layout_cast(jnp.zeros((bq,), jnp.float32), wg.reduce(1)))
+      return init, _query_seg_rows(segments, qseg_gmem, bi, h, first_row(w), bq)
+
+    def body(q_seg_rows, step, k_smem, v_smem, carry):
+      w = _warpgroup() if ws else 0
+      ki = block_at(step)
+      s = _smem_product(q_smem.at[w], k_smem, (bq, bk)) * (scale * LOG2E)
+      keep = _query_major_mask(first_row(w), ki, q_seg_rows, kseg_gmem.at[bi], bq=bq, bk=bk,
+                               s_len=s_len, causal=causal, window=window)
+      return _online_softmax_step(s, keep, carry, v_smem, p_smem[0].at[w] if p_smem else None,
+                                  d=d, dtype=dtype)
+
+    def finish(w, carry):
+      acc, m_i, l_i = carry
       empty = l_i == 0.0
       safe_l = jnp.where(empty, 1.0, l_i)
-      q_smem.at[w][...] = (acc / jax.lax.broadcast_in_dim(safe_l, (rows, d), [0])).astype(dtype)
+      q_smem.at[w][...] = (acc / jax.lax.broadcast_in_dim(safe_l, (bq, d), [0])).astype(dtype)
+      # lse in natural log; rows with no key get +inf (the backward's exp(s - lse) is then 0).
       lse_smem.at[w][...] = jnp.where(empty, jnp.inf, (m_i + jnp.log2(safe_l)) / LOG2E)
       plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(q_smem.at[w], o_gmem.at[bi, pl.ds(q0, rows), h])
-      plgpu.copy_smem_to_gmem(lse_smem.at[w], lse_gmem.at[bi, h, pl.ds(q0, rows)])
+      plgpu.copy_smem_to_gmem(q_smem.at[w], o_gmem.at[bi, pl.ds(first_row(w), bq), h])
+      plgpu.copy_smem_to_gmem(lse_smem.at[w], lse_gmem.at[bi, h, pl.ds(first_row(w), bq)])
       plgpu.wait_smem_to_gmem(0)
 
-    def body(idx, k_smem, v_smem, carry):
-      *softmax_carry, q_seg_rows = carry
-      ki = first + idx[0]
+    spec = plgpu.BlockSpec((bk, d), lambda j: (block_at(j), 0), transforms=transforms)
+    _warpgroup_pipeline(body, setup, finish, ws=ws, steps=steps, specs=[spec, spec],
+                        stages=stages, gmem_refs=(k_gmem.at[bi, :, kvh], v_gmem.at[bi, :, kvh]))
 
-      def qk(acc_ref):
-        plgpu.wgmma(acc_ref, q_smem.at[w], k_smem.T)
-        return acc_ref[...]
-
-      s = pl.run_scoped(qk, plgpu.ACC((rows, bk), jnp.float32)) * (scale * LOG2E)
-      keep = _query_major_mask(q0, ki, q_seg_rows, kseg_gmem.at[bi], bq=rows, bk=bk,
-                               s_len=s_len, causal=causal, window=window)
-      return (*_online_softmax_step(s, keep, softmax_carry, v_smem, p_wg, d=d, dtype=dtype),
-              q_seg_rows)
-
-    spec = plgpu.BlockSpec((bk, d), lambda j: (first + j, 0), transforms=transforms)
-    plgpu.emit_pipeline_warp_specialized(
-        body, grid=(end - first,), memory_registers=40, in_specs=[spec, spec],
-        max_concurrent_steps=stages, wg_axis="wg", num_compute_wgs=WS_WARPGROUPS,
-        compute_context=compute)(k_gmem.at[bi, :, kvh], v_gmem.at[bi, :, kvh])
-
-  scratch = (plgpu.SMEM((WS_WARPGROUPS, rows, d), dtype, transforms=transforms),
-             plgpu.SMEM((WS_WARPGROUPS, rows), jnp.float32),
-             plgpu.Barrier(num_barriers=WS_WARPGROUPS))
+  scratch = (plgpu.SMEM((n_wg, bq, d), dtype, transforms=transforms),
+             plgpu.SMEM((n_wg, bq), jnp.float32), plgpu.Barrier(num_barriers=n_wg))
   if p_in_smem:
-    scratch += (plgpu.SMEM((WS_WARPGROUPS, rows, bk), dtype, transforms=transforms),)
-  call = plgpu.kernel(
-      kernel,
-      out_type=(jax.ShapeDtypeStruct((b, tp, hq, d), dtype),
-                jax.ShapeDtypeStruct((b, hq, tp), jnp.float32)),
-      grid=(tp // cta_rows, hq, b), grid_names=("q", "h", "b"),
-      num_threads=WS_WARPGROUPS + 1, thread_name="wg", scratch_types=scratch,
-      interpret=interpret or False)
-  return call(q, k, v, q_seg, k_seg)
+    scratch += (plgpu.SMEM((n_wg, bq, bk), dtype, transforms=transforms),)
+  call = _launch(kernel, out_type=(jax.ShapeDtypeStruct((b, tp, hq, d), dtype),
+                                   jax.ShapeDtypeStruct((b, hq, tp), jnp.float32)),
+                 grid=(tp // cta_rows, hq, b), grid_names=("q", "h", "b"), scratch=scratch,
+                 ws=ws, interpret=interpret)
+  return call(q, k, v, q_seg, k_seg, *(() if ranges is None else (ranges,)))
 
 
 def _matmul(lhs, rhs_smem, shape, staging, dtype):
@@ -330,97 +295,112 @@ def _smem_product(a_smem, b_smem_t, shape):
 
 
 def _dq(q, k, v, do, lse, delta, q_seg, k_seg, ranges=None, *, causal, window, scale, s_len, bq,
-        bk, stages, interpret, stage_in_smem, segments, lists=False):
+        bk, stages, interpret, stage_in_smem, segments, lists=False, ws=False):
+  """dq [B, Tp, Hq, D]: a CTA per (query rows, query head, batch) walks the key tiles those rows
+  see (bq rows, or WS_WARPGROUPS x bq with ws, one compute warpgroup per bq)."""
   b, tp, hq, d = q.shape
   sp, hkv = k.shape[1], k.shape[2]
   group = hq // hkv
   dtype = q.dtype
   nk = sp // bk
+  n_wg = WS_WARPGROUPS if ws else 1
+  cta_rows = n_wg * bq
   wg = plgpu.Layout.WGMMA
   transforms = _smem_transforms(dtype)
 
   def kernel(q_gmem, k_gmem, v_gmem, do_gmem, lse_gmem, delta_gmem, qseg_gmem, kseg_gmem, *rest):
     ranges_gmem, (dq_gmem, q_smem, do_smem, barrier, *ds_smem) = _split(rest, ranges)
-    ds_smem = ds_smem[0] if ds_smem else None
     qi, h, bi = (jax.lax.axis_index(n) for n in ("q", "h", "b"))
     kvh = h // group
-    q0 = qi * bq
-    plgpu.copy_gmem_to_smem(q_gmem.at[bi, pl.ds(q0, bq), h], q_smem, barrier)
-    plgpu.barrier_wait(barrier)
-    plgpu.copy_gmem_to_smem(do_gmem.at[bi, pl.ds(q0, bq), h], do_smem, barrier)
-    plgpu.barrier_wait(barrier)
-    rows = lambda ref: plgpu.load(ref.at[bi, h, pl.ds(q0, bq)], layout=wg.reduce(1),
-                                  optimized=False)
-    lse_rows, delta_rows = rows(lse_gmem), rows(delta_gmem)
-    q_seg_rows = _query_seg_rows(segments, qseg_gmem, bi, h, q0, bq)
     steps, block_at = _visits(ranges_gmem, lists, bi, h, qi, lambda: _kv_range(
-        q0, bq=bq, bk=bk, nk=nk, causal=causal, window=window))
+        qi * cta_rows, bq=cta_rows, bk=bk, nk=nk, causal=causal, window=window))
+    first_row = lambda w: qi * cta_rows + w * bq
 
-    def body(idx, k_smem, v_smem, acc):
-      ki = block_at(idx[0])
-      s = _smem_product(q_smem, k_smem, (bq, bk)) * scale
-      keep = _query_major_mask(q0, ki, q_seg_rows, kseg_gmem.at[bi], bq=bq, bk=bk, s_len=s_len,
-                               causal=causal, window=window)
+    def setup(w):
+      q0 = first_row(w)
+      _copy_in(q_gmem.at[bi, pl.ds(q0, bq), h], q_smem.at[w], barrier.at[w])
+      _copy_in(do_gmem.at[bi, pl.ds(q0, bq), h], do_smem.at[w], barrier.at[w])
+      rows = lambda ref: plgpu.load(ref.at[bi, h, pl.ds(q0, bq)], layout=wg.reduce(1),
+                                    optimized=False)
+      return (plgpu.layout_cast(jnp.zeros((bq, d), jnp.float32), wg),
+              (rows(lse_gmem), rows(delta_gmem),
+               _query_seg_rows(segments, qseg_gmem, bi, h, q0, bq)))
+
+    def body(context, step, k_smem, v_smem, acc):
+      lse_rows, delta_rows, q_seg_rows = context
+      w = _warpgroup() if ws else 0
+      ki = block_at(step)
+      s = _smem_product(q_smem.at[w], k_smem, (bq, bk)) * scale
+      keep = _query_major_mask(first_row(w), ki, q_seg_rows, kseg_gmem.at[bi], bq=bq, bk=bk,
+                               s_len=s_len, causal=causal, window=window)
       p = jnp.where(keep, jnp.exp(s - jax.lax.broadcast_in_dim(lse_rows, (bq, bk), [0])), 0.0)
-      dp = _smem_product(do_smem, v_smem, (bq, bk))
+      dp = _smem_product(do_smem.at[w], v_smem, (bq, bk))
       ds = p * (dp - jax.lax.broadcast_in_dim(delta_rows, (bq, bk), [0]))
-      return acc + _matmul(ds, k_smem, (bq, d), ds_smem, dtype)
+      return acc + _matmul(ds, k_smem, (bq, d), ds_smem[0].at[w] if ds_smem else None, dtype)
+
+    def finish(w, acc):
+      q_smem.at[w][...] = (acc * scale).astype(dtype)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(q_smem.at[w], dq_gmem.at[bi, pl.ds(first_row(w), bq), h])
+      plgpu.wait_smem_to_gmem(0)
 
     spec = plgpu.BlockSpec((bk, d), lambda j: (block_at(j), 0), transforms=transforms)
-    acc = plgpu.emit_pipeline(
-        body, grid=(steps,), in_specs=[spec, spec], max_concurrent_steps=stages,
-        init_carry=plgpu.layout_cast(jnp.zeros((bq, d), jnp.float32), wg))(
-            k_gmem.at[bi, :, kvh], v_gmem.at[bi, :, kvh])
-    q_smem[...] = (acc * scale).astype(dtype)
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(q_smem, dq_gmem.at[bi, pl.ds(q0, bq), h])
-    plgpu.wait_smem_to_gmem(0)
+    _warpgroup_pipeline(body, setup, finish, ws=ws, steps=steps, specs=[spec, spec],
+                        stages=stages, gmem_refs=(k_gmem.at[bi, :, kvh], v_gmem.at[bi, :, kvh]))
 
-  scratch = (plgpu.SMEM((bq, d), dtype, transforms=transforms),
-             plgpu.SMEM((bq, d), dtype, transforms=transforms), plgpu.Barrier())
+  tile = plgpu.SMEM((n_wg, bq, d), dtype, transforms=transforms)
+  scratch = (tile, tile, plgpu.Barrier(num_barriers=n_wg))
   if stage_in_smem:
-    scratch += (plgpu.SMEM((bq, bk), dtype, transforms=transforms),)
-  return plgpu.kernel(kernel, out_type=jax.ShapeDtypeStruct(q.shape, dtype),
-                      grid=(tp // bq, hq, b), grid_names=("q", "h", "b"),
-                      scratch_types=scratch, interpret=interpret or False)(
-                          q, k, v, do, lse, delta, q_seg, k_seg,
-                          *(() if ranges is None else (ranges,)))
+    scratch += (plgpu.SMEM((n_wg, bq, bk), dtype, transforms=transforms),)
+  return _launch(kernel, out_type=jax.ShapeDtypeStruct(q.shape, dtype),
+                 grid=(tp // cta_rows, hq, b), grid_names=("q", "h", "b"), scratch=scratch,
+                 ws=ws, interpret=interpret)(q, k, v, do, lse, delta, q_seg, k_seg,
+                                             *(() if ranges is None else (ranges,)))
 
 
 def _dkv(q, k, v, do, lse, delta, q_seg, k_seg, ranges=None, *, causal, window, scale, s_len, bq,
-         bk, stages, interpret, stage_in_smem, segments, lists=False):
+         bk, stages, interpret, stage_in_smem, segments, lists=False, ws=False):
   """dk, dv per query head ([B, S, Hq, D] in the input dtype, written through the k and v
-  tiles' shared memory once they are done); the caller sums each group in fp32."""
+  tiles' shared memory once they are done); the caller sums each group in fp32. A CTA per
+  (keys, query head, batch) walks the query tiles that see those keys (bk keys, or
+  WS_WARPGROUPS x bk with ws, one compute warpgroup per bk), on transposed tiles (keys as rows)
+  so that both products accumulate on the tensor cores."""
   b, tp, hq, d = q.shape
   sp, hkv = k.shape[1], k.shape[2]
   group = hq // hkv
   dtype = q.dtype
   nq = tp // bq
+  n_wg = WS_WARPGROUPS if ws else 1
+  cta_keys = n_wg * bk
   wg = plgpu.Layout.WGMMA
   transforms = _smem_transforms(dtype)
 
   def kernel(q_gmem, k_gmem, v_gmem, do_gmem, lse_gmem, delta_gmem, qseg_gmem, kseg_gmem, *rest):
     ranges_gmem, (dk_gmem, dv_gmem, k_smem, v_smem, barrier, *stage_smem) = _split(rest, ranges)
-    stage_smem = stage_smem[0] if stage_smem else None
     ki, h, bi = (jax.lax.axis_index(n) for n in ("k", "h", "b"))
     kvh = h // group
-    k0 = ki * bk
-    plgpu.copy_gmem_to_smem(k_gmem.at[bi, pl.ds(k0, bk), kvh], k_smem, barrier)
-    plgpu.barrier_wait(barrier)
-    plgpu.copy_gmem_to_smem(v_gmem.at[bi, pl.ds(k0, bk), kvh], v_smem, barrier)
-    plgpu.barrier_wait(barrier)
-    k_seg_rows = (plgpu.load(kseg_gmem.at[bi, pl.ds(k0, bk)], layout=wg.reduce(1),
-                             optimized=False) if segments else None)
     steps, block_at = _visits(ranges_gmem, lists, bi, h, ki, lambda: _q_range(
-        k0, bq=bq, bk=bk, nq=nq, causal=causal, window=window))
+        ki * cta_keys, bq=bq, bk=cta_keys, nq=nq, causal=causal, window=window))
+    first_key = lambda w: ki * cta_keys + w * bk
 
-    def body(idx, q_smem, do_smem, carry):
+    def setup(w):
+      k0 = first_key(w)
+      _copy_in(k_gmem.at[bi, pl.ds(k0, bk), kvh], k_smem.at[w], barrier.at[w])
+      _copy_in(v_gmem.at[bi, pl.ds(k0, bk), kvh], v_smem.at[w], barrier.at[w])
+      k_seg_rows = (plgpu.load(kseg_gmem.at[bi, pl.ds(k0, bk)], layout=wg.reduce(1),
+                               optimized=False) if segments else None)
+      zeros = plgpu.layout_cast(jnp.zeros((bk, d), jnp.float32), wg)
+      return (zeros, zeros), k_seg_rows
+
+    def body(k_seg_rows, step, q_smem, do_smem, carry):
       dk, dv = carry
-      qi = block_at(idx[0])
+      w = _warpgroup() if ws else 0
+      k0 = first_key(w)
+      qi = block_at(step)
       cols = lambda ref: jax.lax.broadcast_in_dim(
           plgpu.load(ref.at[bi, h, pl.ds(qi * bq, bq)], layout=wg.reduce(0), optimized=False),
           (bk, bq), [1])
-      s_t = _smem_product(k_smem, q_smem, (bk, bq)) * scale  # [keys, queries]
+      s_t = _smem_product(k_smem.at[w], q_smem, (bk, bq)) * scale  # [keys, queries]
       k_pos = k0 + plgpu.broadcasted_iota(jnp.int32, (bk, bq), 0, layout=wg)
       q_pos = qi * bq + plgpu.broadcasted_iota(jnp.int32, (bk, bq), 1, layout=wg)
       q_seg = k_seg = None
@@ -431,33 +411,35 @@ def _dkv(q, k, v, do, lse, delta, q_seg, k_seg, ranges=None, *, causal, window, 
         k_seg = jax.lax.broadcast_in_dim(k_seg_rows, (bk, bq), [0])
       keep = _tile_mask(q_pos, k_pos, q_seg, k_seg, s_len=s_len, causal=causal, window=window)
       p_t = jnp.where(keep, jnp.exp(s_t - cols(lse_gmem)), 0.0)
-      dp_t = _smem_product(v_smem, do_smem, (bk, bq))
+      dp_t = _smem_product(v_smem.at[w], do_smem, (bk, bq))
       ds_t = p_t * (dp_t - cols(delta_gmem))
-      dv = dv + _matmul(p_t, do_smem, (bk, d), stage_smem, dtype)
-      dk = dk + _matmul(ds_t, q_smem, (bk, d), stage_smem, dtype)
+      staging = stage_smem[0].at[w] if stage_smem else None
+      dv = dv + _matmul(p_t, do_smem, (bk, d), staging, dtype)
+      dk = dk + _matmul(ds_t, q_smem, (bk, d), staging, dtype)
       return dk, dv
 
-    spec = plgpu.BlockSpec((bq, d), lambda j: (block_at(j), 0), transforms=transforms)
-    zeros = plgpu.layout_cast(jnp.zeros((bk, d), jnp.float32), wg)
-    dk, dv = plgpu.emit_pipeline(
-        body, grid=(steps,), in_specs=[spec, spec], max_concurrent_steps=stages,
-        init_carry=(zeros, zeros))(q_gmem.at[bi, :, h], do_gmem.at[bi, :, h])
-    k_smem[...] = (dk * scale).astype(dtype)
-    v_smem[...] = dv.astype(dtype)
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(k_smem, dk_gmem.at[bi, pl.ds(k0, bk), h])
-    plgpu.copy_smem_to_gmem(v_smem, dv_gmem.at[bi, pl.ds(k0, bk), h])
-    plgpu.wait_smem_to_gmem(0)
+    def finish(w, carry):
+      dk, dv = carry
+      k_smem.at[w][...] = (dk * scale).astype(dtype)
+      v_smem.at[w][...] = dv.astype(dtype)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(k_smem.at[w], dk_gmem.at[bi, pl.ds(first_key(w), bk), h])
+      plgpu.copy_smem_to_gmem(v_smem.at[w], dv_gmem.at[bi, pl.ds(first_key(w), bk), h])
+      plgpu.wait_smem_to_gmem(0)
 
-  scratch = (plgpu.SMEM((bk, d), dtype, transforms=transforms),
-             plgpu.SMEM((bk, d), dtype, transforms=transforms), plgpu.Barrier())
+    spec = plgpu.BlockSpec((bq, d), lambda j: (block_at(j), 0), transforms=transforms)
+    _warpgroup_pipeline(body, setup, finish, ws=ws, steps=steps, specs=[spec, spec],
+                        stages=stages, gmem_refs=(q_gmem.at[bi, :, h], do_gmem.at[bi, :, h]))
+
+  tile = plgpu.SMEM((n_wg, bk, d), dtype, transforms=transforms)
+  scratch = (tile, tile, plgpu.Barrier(num_barriers=n_wg))
   if stage_in_smem:
-    scratch += (plgpu.SMEM((bk, bq), dtype, transforms=transforms),)
+    scratch += (plgpu.SMEM((n_wg, bk, bq), dtype, transforms=transforms),)
   out = jax.ShapeDtypeStruct((b, sp, hq, d), dtype)
-  return plgpu.kernel(kernel, out_type=(out, out), grid=(sp // bk, hq, b),
-                      grid_names=("k", "h", "b"), scratch_types=scratch,
-                      interpret=interpret or False)(q, k, v, do, lse, delta, q_seg, k_seg,
-                                                    *(() if ranges is None else (ranges,)))
+  return _launch(kernel, out_type=(out, out), grid=(sp // cta_keys, hq, b),
+                 grid_names=("k", "h", "b"), scratch=scratch, ws=ws,
+                 interpret=interpret)(q, k, v, do, lse, delta, q_seg, k_seg,
+                                      *(() if ranges is None else (ranges,)))
 
 
 class _Config(StaticConfig):
@@ -485,8 +467,12 @@ def _tables(tables):
   return tables["kv_ranges"], tables["q_ranges"], False
 
 
+WS_FORWARD_ROWS = 64  # query rows per compute warpgroup in the warp-specialised forward
+
+
 def _warp_specialised(tables, kw) -> bool:
-  """Whether the forward runs the warp-specialised schedule (formula ranges only)."""
+  """Whether the kernels run warp-specialised (the causal / full / window formula only: the
+  tables of MoBA and block masks are per 64-row tile)."""
   return tables is None and kw.get("schedule") == "ws"
 
 
@@ -499,10 +485,10 @@ def _has_segments(tables, kw) -> bool:
 def _operands(q, k, v, segment_ids, tables, kw):
   if tables is not None and "q_seg" in tables:
     return q, k, v, tables["q_seg"], tables["k_seg"]
-  # The warp-specialised forward's CTA takes 128 query rows; the backward's tiles divide them.
-  if _warp_specialised(tables, kw):
-    return pad_for_tiles(q, k, v, segment_ids, math.lcm(WS_ROWS * WS_WARPGROUPS, kw["bq"]),
-                         math.lcm(kw["bk_ws"], kw["bk"]))
+  if _warp_specialised(tables, kw):  # whole CTAs of every kernel, forward and backward
+    n = WS_WARPGROUPS
+    return pad_for_tiles(q, k, v, segment_ids, math.lcm(n * WS_FORWARD_ROWS, n * kw["bq"]),
+                         math.lcm(kw["bk_ws"], n * kw["bk"]))
   return pad_for_tiles(q, k, v, segment_ids, kw["bq"], kw["bk"])
 
 
@@ -515,7 +501,8 @@ def _flash_gpu_fwd(q, k, v, segment_ids, tables, cfg):
                 stages=kw["stages"], interpret=kw["interpret"], p_in_smem=kw["stage_in_smem"],
                 segments=_has_segments(tables, kw))
   if _warp_specialised(tables, kw):
-    o, lse = _forward_ws(qp, kp, vp, q_seg, k_seg, bk=kw["bk_ws"], **common)
+    o, lse = _forward(qp, kp, vp, q_seg, k_seg, bq=WS_FORWARD_ROWS, bk=kw["bk_ws"], ws=True,
+                      **common)
   else:
     o, lse = _forward(qp, kp, vp, q_seg, k_seg, kv_table, bq=kw["bq"], bk=kw["bk"], lists=lists,
                       **common)
@@ -533,7 +520,9 @@ def _flash_gpu_bwd(cfg, res, cotangents):
   delta = delta - jnp.pad(dlse.astype(jnp.float32), ((0, 0), (0, 0), (0, tp - t)))
   common = dict(causal=kw["causal"], window=kw["window"], scale=kw["scale"], s_len=kw["s_len"],
                 bq=kw["bq"], bk=kw["bk"], stages=kw["stages"], interpret=kw["interpret"],
-                stage_in_smem=kw["stage_in_smem"], segments=_has_segments(tables, kw))
+                stage_in_smem=kw["stage_in_smem"], segments=_has_segments(tables, kw),
+                # Two warpgroups' resident tiles plus the stream outgrow shared memory above 128.
+                ws=_warp_specialised(tables, kw) and d <= 128)
   args = (qp, kp, vp, do_p, lse, delta, q_seg, k_seg)
   kv_table, q_table, lists = _tables(tables)
   dq = _dq(*args, kv_table, lists=lists, **common)
@@ -565,11 +554,12 @@ def flash_attention_gpu(q, k, v, *, causal=True, segment_ids=None, sm_scale=None
   """Softmax attention on the Mosaic GPU kernels, forward and backward (custom_vjp).
   q [B, T, Hq, D], k/v [B, S, Hkv, D] in bf16/fp16 (fp32 inputs run with bf16 tensor-core
   operands and fp32 accumulation, and come back as fp32), D in 64..256 (a multiple of 64).
-  schedule: "ws" runs the forward warp-specialised (FlashAttention-3's: two compute warpgroups
-  and a TMA producer per CTA of 128 query rows), "one_warpgroup" the plain pipelined forward;
-  the backward kernels are the same. block_q, block_k are the tiles of the backward and of the
-  "one_warpgroup" forward; the "ws" forward takes 128 query rows per CTA and key tiles of 128
-  (64 above head dim 128).
+  schedule: "ws" runs every kernel warp-specialised (FlashAttention-3's: per CTA two compute
+  warpgroups and a producer warpgroup that streams the tiles by TMA), "one_warpgroup" one
+  warpgroup per CTA with a software pipeline. block_q, block_k: each warpgroup's tiles in the
+  backward and in the "one_warpgroup" forward; the "ws" forward gives each warpgroup 64 query
+  rows and streams key tiles of 128 (64 above head dim 128); above head dim 128 the backward
+  runs "one_warpgroup" (two warpgroups' tiles would outgrow shared memory).
   interpret=plgpu.InterpretGPUParams() runs it on the CPU; stage_in_smem (default: only when
   interpreting) feeds register operands of wgmma through shared memory."""
   if alibi_slopes is not None:
