@@ -28,23 +28,28 @@ def test_softmax_impls_match_the_fp32_reference_on_gpu(impl):
   np.testing.assert_allclose(got.astype(jnp.float32), want, atol=3e-2)
 
 
-@pytest.mark.parametrize("causal,d", [(True, 64), (True, 128), (False, 128), (True, 256)])
-def test_mosaic_gpu_kernel_gradients_match_the_fp32_reference(causal, d):
+@pytest.mark.parametrize("causal,d,schedule", [
+    (True, 64, "ws"), (True, 128, "ws"), (False, 128, "ws"), (True, 256, "ws"),
+    (True, 128, "one_warpgroup"), (False, 64, "one_warpgroup")])
+def test_mosaic_gpu_kernel_gradients_match_the_fp32_reference(causal, d, schedule):
   """The Mosaic GPU kernels on the device (register wgmma operands, the path the CPU tests can
-  only lower): forward and the three gradients, bf16 tolerance."""
+  only lower), both schedules: the three gradients, bf16 tolerance."""
+  from pallas_kernels.blockwise.pallas_gpu import flash_attention_gpu
   q, k, v = _qkv(t=700, d=d)
   seg = jnp.asarray(np.repeat([[1] * 400 + [2] * 300], 2, axis=0), jnp.int32)
   cot = jax.random.normal(jax.random.key(1), q.shape, jnp.float32)
 
-  def loss(impl):
+  def loss(attn):
     def f(q, k, v):
-      cast = (lambda x: x.astype(jnp.float32)) if impl == "xla" else (lambda x: x)
-      out = blockwise_attention(cast(q), cast(k), cast(v), causal=causal, segment_ids=seg,
-                                impl=impl)
-      return jnp.sum(out.astype(jnp.float32) * cot)
+      return jnp.sum(attn(q, k, v).astype(jnp.float32) * cot)
     return jax.jit(jax.grad(f, argnums=(0, 1, 2)))
 
-  for got, want in zip(loss("pallas")(q, k, v), loss("xla")(q, k, v)):
+  ours = lambda q, k, v: flash_attention_gpu(q, k, v, causal=causal, segment_ids=seg,
+                                             schedule=schedule)
+  f32 = lambda x: x.astype(jnp.float32)
+  xla = lambda q, k, v: blockwise_attention(f32(q), f32(k), f32(v), causal=causal,
+                                            segment_ids=seg, impl="xla")
+  for got, want in zip(loss(ours)(q, k, v), loss(xla)(q, k, v)):
     scale = float(jnp.max(jnp.abs(want)))
     np.testing.assert_allclose(got.astype(jnp.float32), want, atol=2e-2 * scale)
 
