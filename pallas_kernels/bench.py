@@ -55,6 +55,20 @@ def _inputs(b, t, h, hkv, d, dtype, seed=0):
   return q, k, v, cot
 
 
+DENSE_SCORE_BYTES = 16e9  # XLA's dense attention keeps B x H x T x T scores: skip beyond this
+
+
+def _dense_within(attn):
+  """attn, refusing (as a reported row error, not an out-of-memory minutes later) shapes whose
+  dense fp32 score matrix alone exceeds DENSE_SCORE_BYTES."""
+  def run(q, k, v):
+    need = 4.0 * q.shape[0] * q.shape[2] * q.shape[1] * k.shape[1]
+    if need > DENSE_SCORE_BYTES:
+      raise ValueError(f"skipped: dense scores would take {need / 1e9:.0f} GB")
+    return attn(q, k, v)
+  return run
+
+
 def _blockwise_impls():
   from pallas_kernels import blockwise_attention
   from pallas_kernels.blockwise.api import kernel_for
@@ -70,7 +84,7 @@ def _blockwise_impls():
   if jax.default_backend() == "gpu":
     impls["cudnn"] = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
                                                                   implementation="cudnn")
-  impls["xla"] = functools.partial(blockwise_attention, impl="xla")
+  impls["xla"] = _dense_within(functools.partial(blockwise_attention, impl="xla"))
   try:
     import tokamax
     impls["tokamax (mosaic)"] = lambda q, k, v: tokamax.dot_product_attention(

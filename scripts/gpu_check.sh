@@ -5,7 +5,7 @@
 #   bash ../shared/tools/device-wheels.sh fla-core==0.6.0
 # (grain, ml_collections; fla-core is flash-linear-attention's ops, the linear peer), then:
 #   run(command="bash scripts/gpu_check.sh", carry=[".whl"], timeout_s=540)
-# Parts can be named to run fewer (default: all, in this order; about 8 minutes at most):
+# Parts can be named to run fewer (default: all, in this order; 8 minutes at most):
 #   bash scripts/gpu_check.sh tests blockwise linear sparse mfu
 # Full logs and the JSON rows land in $OUT (8 files at most come back: 5 logs + 3 JSON).
 set -uo pipefail
@@ -37,13 +37,13 @@ bench() {  # bench FAMILY SECONDS [ARGS...]: rows also go to stderr as measured,
 
 for p in ${*:-tests blockwise linear sparse mfu}; do
   case $p in
-    tests) part tests 100 python3 -m pytest -q -m gpu -p no:cacheprovider tests ;;
-    blockwise) bench blockwise 100 ;;
+    tests) part tests 110 python3 -m pytest -q -m gpu -p no:cacheprovider tests ;;
+    blockwise) bench blockwise 90 ;;
     # fla (the peer) autotunes for minutes on first use: two lengths, its rows after ours.
-    linear) bench linear 100 --lengths 8192,32768 ;;
-    sparse) bench sparse 100 --lengths 8192,32768,65536 ;;
+    linear) bench linear 90 --lengths 8192,32768 ;;
+    sparse) bench sparse 90 --lengths 8192,32768,65536 ;;
     mfu) rm -rf /tmp/gpt125m  # a fresh run, not a resume of an earlier call's
-         part mfu 110 python3 -m lmtrain.train --config configs/gpt125m.py \
+         part mfu 100 python3 -m lmtrain.train --config configs/gpt125m.py \
            --workdir /tmp/gpt125m --config.train.steps=60 --config.train.warmup_steps=20 \
            --config.train.log_every=20 \
            --config.train.eval_every=1000 --config.train.checkpoint_every=1000 ;;
