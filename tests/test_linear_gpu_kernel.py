@@ -68,6 +68,18 @@ def test_head_dim_128():
   check_against_reference(q, k, v, decay, seg, cot)
 
 
+@pytest.mark.parametrize("decay_kind,segments", [("none", False), ("gates", True)])
+def test_scan_segments_join_to_the_sequential_scan(monkeypatch, decay_kind, segments):
+  """The state scans restart every SCAN_SEGMENT_CHUNKS chunks and are joined in jnp; with 2
+  chunks per segment (4 segments, the last ragged; no decay, so every segment's carry reaches
+  the end; or gates with document resets) forward and every gradient match the reference."""
+  from pallas_kernels.linear import pallas_gpu
+  monkeypatch.setattr(pallas_gpu, "SCAN_SEGMENT_CHUNKS", 2)
+  q, k, v, decay, seg, cot = inputs(11, 1, 64 * 6 + 17, 2, 1, 64, decay_kind=decay_kind,
+                                    segments=segments)
+  check_against_reference(q, k, v, decay, seg, cot)
+
+
 def test_chunk_128_head_dim_128_gqa():
   """Chunk 128: three chunks, the last ragged, segments and gates crossing chunk boundaries."""
   q, k, v, decay, seg, cot = inputs(3, 1, 300, 2, 1, 128, decay_kind="gates", segments=True)

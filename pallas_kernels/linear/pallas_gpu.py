@@ -1,9 +1,11 @@
 """Chunked causal linear attention (with decay) as Pallas Mosaic GPU (Hopper) kernels.
 
 Chunk-parallel, as GPUs need (a sequential scan per (batch, head) would fill 16 SMs of 132):
-  1. states: per (batch, head, value slice of 64) a pipeline over the chunks writes the state
-     S_c [D, 64] before each chunk and updates S <- decay_c S + K_c^T (ks * V_c) on wgmma
-     (K^T straight from shared memory; ks scales the value rows);
+  1. states: per (batch, head, value slice of 64, scan segment of 32 chunks) a pipeline over
+     the segment's chunks writes the state S_c [D, 64] before each chunk and updates
+     S <- decay_c S + K_c^T (ks * V_c) on wgmma (K^T straight from shared memory; ks scales the
+     value rows); the segments, scanned at once from zero, are joined in jnp by their carries,
+     so neither the scan's latency nor the parallelism grows with T;
   2. outputs: per (batch, head, chunk), in parallel, num = (QK^T * W) V + qs * (Q S_c) and the
      intra-chunk row sums of QK^T * W (for normalisation), all on wgmma.
 Backward (custom_vjp; the states are recomputed, nothing per chunk is kept from the forward):
@@ -32,6 +34,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels._common import cdiv
 from pallas_kernels.linear.pallas_tpu import _chunk_scalars
 from pallas_kernels.linear.reference import EPS, apply_feature_map, log_gates
 
@@ -39,6 +42,7 @@ DTYPES = (jnp.bfloat16, jnp.float16)
 VALUE_SLICE = 64
 SMEM_BYTES = 227 * 1024  # Hopper's shared memory per block
 CHUNK_SIZES = (64, 128)
+SCAN_SEGMENT_CHUNKS = 32  # chunks per independent piece of the state scans (see _decayed_sums)
 
 
 def _transforms(dtype):
@@ -82,26 +86,27 @@ def _intra_weights(b_rows_ref, b_cols_ref, seg_rows_ref, seg_cols_ref, t0, chunk
   return jnp.where(keep, jnp.exp(jnp.where(keep, diff, 0.0)), 0.0)
 
 
-def _decayed_sums(x, y, scale, decay, *, chunk, reverse, interpret):
-  """For each chunk c (in time order, or in reverse), the value H had before c was folded in,
-  with H <- decay_c H + X_c^T (scale_c * Y_c) and H = 0 at the start: [B, Hq, n * D, Dv] in the
-  input dtype (accumulated in fp32). One pipeline over the chunks per (batch, query head, value
-  slice of 64). Forward: X = phi(K), Y = V, scale = ks gives the states S_c; reverse:
-  X = phi(Q), Y = dN, scale = qs gives dH_c, the gradient of the state after chunk c.
-  x, y may have fewer (key/value) heads than scale [B, Hq, Tp]; decay is [B, Hq, n, D]."""
+def _decayed_sums_local(x, y, scale, decay, *, chunk, reverse, per, interpret):
+  """The scan of _decayed_sums restarted from H = 0 every `per` chunks (in processing order):
+  (local [B, Hq, n * D, Dv] in the input dtype, the value before each chunk within its scan
+  segment; finals [B, Hq, n_seg * D, Dv] fp32, each segment's value after its last chunk).
+  One pipeline per (scan segment, value slice of 64, query head, batch)."""
   b, tp, _, d = x.shape
   hq = scale.shape[1]
   dv = y.shape[-1]
   n = tp // chunk
+  n_seg = cdiv(n, per)
   bv = min(VALUE_SLICE, dv)
+  n_v = dv // bv
   x_group, y_group = hq // x.shape[2], hq // y.shape[2]
   wg = plgpu.Layout.WGMMA
   dtype = x.dtype
   tr = _transforms(dtype)
-  chunk_at = (lambda j: n - 1 - j) if reverse else (lambda j: j)
 
-  def kernel(x_gmem, y_gmem, scale_gmem, decay_gmem, out_gmem, stage_smem, out_smem):
-    vi, h, bi = (jax.lax.axis_index(a) for a in ("v", "h", "b"))
+  def kernel(x_gmem, y_gmem, scale_gmem, decay_gmem, out_gmem, final_gmem, stage_smem, out_smem):
+    sv, h, bi = (jax.lax.axis_index(a) for a in ("sv", "h", "b"))
+    g, vi = sv // n_v, sv % n_v
+    chunk_at = (lambda j: n - 1 - (g * per + j)) if reverse else (lambda j: g * per + j)
 
     def body(idx, x_smem, y_smem, acc):
       c = chunk_at(idx[0])
@@ -122,18 +127,63 @@ def _decayed_sums(x, y, scale, decay, *, chunk, reverse, interpret):
 
     x_spec = plgpu.BlockSpec((chunk, d), lambda j: (chunk_at(j), 0), transforms=tr)
     y_spec = plgpu.BlockSpec((chunk, bv), lambda j: (chunk_at(j), vi), transforms=tr)
-    plgpu.emit_pipeline(
-        body, grid=(n,), in_specs=[x_spec, y_spec], max_concurrent_steps=2,
+    final = plgpu.emit_pipeline(
+        body, grid=(jnp.minimum(per, n - g * per),), in_specs=[x_spec, y_spec],
+        max_concurrent_steps=2,
         init_carry=plgpu.layout_cast(jnp.zeros((d, bv), jnp.float32), wg))(
             x_gmem.at[bi, :, h // x_group], y_gmem.at[bi, :, h // y_group])
+    final_gmem.at[bi, h, pl.ds(g * d, d), pl.ds(vi * bv, bv)][...] = final
     plgpu.wait_smem_to_gmem(0)
 
   return plgpu.kernel(
-      kernel, out_type=jax.ShapeDtypeStruct((b, hq, n * d, dv), dtype),
-      grid=(dv // bv, hq, b), grid_names=("v", "h", "b"),
+      kernel, out_type=(jax.ShapeDtypeStruct((b, hq, n * d, dv), dtype),
+                        jax.ShapeDtypeStruct((b, hq, n_seg * d, dv), jnp.float32)),
+      grid=(n_seg * n_v, hq, b), grid_names=("sv", "h", "b"),
       scratch_types=(plgpu.SMEM((chunk, bv), dtype, transforms=tr),
                      plgpu.SMEM((d, bv), dtype, transforms=tr)),
       interpret=interpret or False)(x, y, scale, decay)
+
+
+def _decayed_sums(x, y, scale, decay, *, chunk, reverse, interpret):
+  """For each chunk c (in time order, or in reverse), the value H had before c was folded in,
+  with H <- decay_c H + X_c^T (scale_c * Y_c) and H = 0 at the start: [B, Hq, n * D, Dv] in the
+  input dtype (accumulated in fp32). Forward: X = phi(K), Y = V, scale = ks gives the states
+  S_c; reverse: X = phi(Q), Y = dN, scale = qs gives dH_c, the gradient of the state after
+  chunk c. x, y may have fewer (key/value) heads than scale [B, Hq, Tp]; decay is
+  [B, Hq, n, D] (one value per chunk, broadcast over D).
+
+  A scan is sequential, so its time is steps x the latency of one; to keep that (and the
+  parallelism) independent of T, the kernel restarts it every SCAN_SEGMENT_CHUNKS (`per`)
+  chunks, all segments at once, and the segments are joined here: with C_g the value entering segment g
+  (C_0 = 0, C_{g+1} = (prod of g's decays) C_g + final_g), the value before chunk p is
+  local_p + (prod of the decays from g's start to p) C_g."""
+  b, tp, _, d = x.shape
+  hq, dv = scale.shape[1], y.shape[-1]
+  n = tp // chunk
+  per = SCAN_SEGMENT_CHUNKS
+  local, finals = _decayed_sums_local(x, y, scale, decay, chunk=chunk, reverse=reverse,
+                                      per=per, interpret=interpret)
+  n_seg = cdiv(n, per)
+  if n_seg == 1:
+    return local
+  order = (lambda a: jnp.flip(a, axis=2)) if reverse else (lambda a: a)  # processing order
+  dec = jnp.pad(order(decay[..., 0]), ((0, 0), (0, 0), (0, n_seg * per - n)),
+                constant_values=1.0).reshape(b, hq, n_seg, per)
+  before = jnp.cumprod(jnp.pad(dec[..., :-1], ((0, 0),) * 3 + ((1, 0),), constant_values=1.0),
+                       axis=-1)  # [B, Hq, n_seg, per]: decay from the segment start to p
+  finals = finals.reshape(b, hq, n_seg, d, dv)
+
+  def join(carry, seg):
+    total, final = seg
+    return total[..., None, None] * carry + final, carry
+
+  _, entering = jax.lax.scan(join, jnp.zeros((b, hq, d, dv), jnp.float32),
+                             (jnp.moveaxis(jnp.prod(dec, axis=-1), 2, 0),
+                              jnp.moveaxis(finals, 2, 0)))  # entering [n_seg, B, Hq, D, Dv]
+  carry_p = (before[..., None, None] * jnp.moveaxis(entering, 0, 2)[:, :, :, None])
+  carry_p = carry_p.reshape(b, hq, n_seg * per, d, dv)[:, :, :n]
+  states = order(local.reshape(b, hq, n, d, dv)).astype(jnp.float32) + carry_p
+  return order(states).astype(local.dtype).reshape(b, hq, n * d, dv)
 
 
 def _outputs(fq, fk, v, states, bcum, qs, seg, *, chunk, interpret, stage=None):
