@@ -37,11 +37,12 @@ bench() {  # bench FAMILY SECONDS [ARGS...]: rows also go to stderr as measured,
 
 for p in ${*:-tests blockwise linear sparse mfu}; do
   case $p in
-    tests) part tests 110 python3 -m pytest -q -m gpu -p no:cacheprovider tests ;;
+    # -v: each test's verdict is printed as it finishes, so a run cut by the limit still tells.
+    tests) part tests 140 python3 -m pytest -v --tb=short -m gpu -p no:cacheprovider tests ;;
     blockwise) bench blockwise 90 ;;
     # fla (the peer) autotunes for minutes on first use: two lengths, its rows after ours.
-    linear) bench linear 90 --lengths 8192,32768 ;;
-    sparse) bench sparse 90 --lengths 8192,32768,65536 ;;
+    linear) bench linear 80 --lengths 8192,32768 ;;
+    sparse) bench sparse 80 --lengths 8192,32768,65536 ;;
     mfu) rm -rf /tmp/gpt125m  # a fresh run, not a resume of an earlier call's
          part mfu 100 python3 -m lmtrain.train --config configs/gpt125m.py \
            --workdir /tmp/gpt125m --config.train.steps=60 --config.train.warmup_steps=20 \
@@ -53,7 +54,7 @@ done
 
 echo
 echo "################ summary"
-[ -f "$OUT/tests.log" ] && tail -n 15 "$OUT/tests.log"
+[ -f "$OUT/tests.log" ] && { grep -E "FAILED|ERROR" "$OUT/tests.log" | head -n 20; tail -n 3 "$OUT/tests.log"; }
 for family in blockwise linear sparse; do
   [ -f "$OUT/$family.log" ] || continue
   if grep -q '^## ' "$OUT/$family.log"; then
