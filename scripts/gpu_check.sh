@@ -5,7 +5,7 @@
 #   bash ../shared/tools/device-wheels.sh fla-core==0.6.0
 # (grain, ml_collections; fla-core is flash-linear-attention's ops, the linear peer), then:
 #   run(command="bash scripts/gpu_check.sh", carry=[".whl"], timeout_s=540)
-# Parts can be named to run fewer (default: all, in this order; 8 minutes at most):
+# Parts can be named to run fewer (default: all, in this order; 500 s at most):
 #   bash scripts/gpu_check.sh tests blockwise linear sparse mfu
 # Full logs and the JSON rows land in $OUT (8 files at most come back: 5 logs + 3 JSON).
 set -uo pipefail
@@ -43,11 +43,14 @@ for p in ${*:-tests blockwise linear sparse mfu}; do
     # fla (the peer) autotunes for minutes on first use: two lengths, its rows after ours.
     linear) bench linear 80 --lengths 8192,32768 ;;
     sparse) bench sparse 80 --lengths 8192,32768,65536 ;;
-    mfu) rm -rf /tmp/gpt125m  # a fresh run, not a resume of an earlier call's
-         part mfu 100 python3 -m lmtrain.train --config configs/gpt125m.py \
-           --workdir /tmp/gpt125m --config.train.steps=60 --config.train.warmup_steps=20 \
-           --config.train.log_every=20 \
-           --config.train.eval_every=1000 --config.train.checkpoint_every=1000 ;;
+    # MFU of configs/gpt125m.py with cuDNN attention (auto), then with our Pallas kernel.
+    mfu) part mfu 110 bash -c 'for impl in auto pallas; do rm -rf /tmp/gpt125m
+           echo "### model.attention.impl=$impl"
+           timeout 55 python3 -m lmtrain.train --config configs/gpt125m.py \
+             --workdir /tmp/gpt125m --config.model.attention.impl=$impl \
+             --config.train.steps=40 --config.train.warmup_steps=10 \
+             --config.train.log_every=10 --config.train.eval_every=1000 \
+             --config.train.checkpoint_every=1000 2>&1 || echo "exit $?"; done' ;;
     *) echo "unknown part $p (tests blockwise linear sparse mfu)"; exit 2 ;;
   esac
 done
@@ -63,5 +66,5 @@ for family in blockwise linear sparse; do
     echo "## $family (incomplete)"; grep '^row ' "$OUT/$family.log"; tail -n 3 "$OUT/$family.log"
   fi
 done
-[ -f "$OUT/mfu.log" ] && grep -E "compiled|MFU|eval/loss|Error|error" "$OUT/mfu.log" | tail -n 8
+[ -f "$OUT/mfu.log" ] && grep -E "###|compiled|MFU|Error|error|exit" "$OUT/mfu.log" | tail -n 16
 exit 0
