@@ -94,7 +94,7 @@ def _blockwise_impls():
   return impls
 
 
-def _linear_impls(heads: int, decay_kind: str):
+def _linear_impls(heads: int, decay_kind: str, chunk: int = 64):
   """Ours as flash-linear-attention's simple_gla computes it (identity features, no
   normalisation), with the decay type asked for; the XLA chunked form beside it."""
   from pallas_kernels import linear_attention
@@ -106,7 +106,7 @@ def _linear_impls(heads: int, decay_kind: str):
       decay = {"none": None, "constant": gamma,
                "gates": jax.nn.log_sigmoid(q[..., 0].astype(jnp.float32)) / 16}[decay_kind]
       return linear_attention(q * q.shape[-1] ** -0.5, k, v, feature_map="identity",
-                              normalize=False, decay=decay, chunk_size=64, impl=impl)
+                              normalize=False, decay=decay, chunk_size=chunk, impl=impl)
     return attn
 
   if kernel_for("pallas") is not None:
@@ -318,6 +318,8 @@ def main(argv=None) -> int:
   parser.add_argument("--iters", type=int, default=10)
   parser.add_argument("--decay", choices=["none", "constant", "gates"], default="constant",
                       help="linear family: the decay type (fla runs the same one)")
+  parser.add_argument("--chunk", type=int, default=64, choices=[64, 128],
+                      help="linear family: our chunk size (fla's is 64)")
   parser.add_argument("--json", default=None, help="write the rows here")
   args = parser.parse_args(argv)
   dtype = jnp.dtype(args.dtype)
@@ -327,7 +329,8 @@ def main(argv=None) -> int:
   if args.family == "blockwise":
     rows = _run(_blockwise_impls(), shapes, _causal_flops, args.iters)
   elif args.family == "linear":
-    rows = _run(_linear_impls(args.heads, args.decay), shapes, lambda *a: None, args.iters)
+    rows = _run(_linear_impls(args.heads, args.decay, args.chunk), shapes, lambda *a: None,
+                args.iters)
     rows += _run_fla(shapes, args.decay, args.iters)
   else:
     rows, ratios = _run_sparse(shapes, args.iters)
