@@ -142,14 +142,14 @@ def _warpgroup_pipeline(body, setup, finish, *, ws, steps, specs, stages, gmem_r
   warpgroup (ws=False: plgpu.emit_pipeline, the kernel's only warpgroup, w = 0) or for
   WS_WARPGROUPS compute warpgroups fed by a producer warpgroup that only issues the TMA copies
   (ws=True: FlashAttention-3's warp specialisation; w = the compute warpgroup). Each compute
-  warpgroup runs setup(w) -> (carry, context) (its own loads), then body(context, step, *tiles,
-  carry) -> carry per tile, then finish(w, carry)."""
+  warpgroup runs setup(w) -> (carry, context) (its own loads), then body(w, context, step,
+  *tiles, carry) -> carry per tile, then finish(w, carry)."""
   if not ws:
     carry, context = setup(0)
 
     def plain_body(idx, *refs):
       *tiles, carry = refs
-      return body(context, idx[0], *tiles, carry)
+      return body(0, context, idx[0], *tiles, carry)
 
     finish(0, plgpu.emit_pipeline(plain_body, grid=(steps,), in_specs=specs,
                                   max_concurrent_steps=stages, init_carry=carry)(*gmem_refs))
@@ -162,16 +162,11 @@ def _warpgroup_pipeline(body, setup, finish, *, ws, steps, specs, stages, gmem_r
 
   def ws_body(idx, *refs):  # the context rides in the carry: setup ran inside compute()
     *tiles, (carry, context) = refs
-    return body(context, idx[0], *tiles, carry), context
+    return body(w, context, idx[0], *tiles, carry), context
 
   plgpu.emit_pipeline_warp_specialized(
       ws_body, grid=(steps,), memory_registers=40, in_specs=specs, max_concurrent_steps=stages,
       wg_axis="wg", num_compute_wgs=WS_WARPGROUPS, compute_context=compute)(*gmem_refs)
-
-
-def _warpgroup():
-  """Inside a kernel body: this compute warpgroup's index (0 without warp specialisation)."""
-  return jax.lax.axis_index("wg")
 
 
 def _launch(kernel, *, out_type, grid, grid_names, scratch, ws, interpret):
@@ -233,8 +228,7 @@ def _forward(q, k, v, q_seg, k_seg, ranges=None, *, causal, window, scale, s_len
               plgpu.layout_cast(jnp.zeros((bq,), jnp.float32), wg.reduce(1)))
       return init, _query_seg_rows(segments, qseg_gmem, bi, h, first_row(w), bq)
 
-    def body(q_seg_rows, step, k_smem, v_smem, carry):
-      w = _warpgroup() if ws else 0
+    def body(w, q_seg_rows, step, k_smem, v_smem, carry):
       ki = block_at(step)
       s = _smem_product(q_smem.at[w], k_smem, (bq, bk)) * (scale * LOG2E)
       keep = _query_major_mask(first_row(w), ki, q_seg_rows, kseg_gmem.at[bi], bq=bq, bk=bk,
@@ -326,9 +320,8 @@ def _dq(q, k, v, do, lse, delta, q_seg, k_seg, ranges=None, *, causal, window, s
               (rows(lse_gmem), rows(delta_gmem),
                _query_seg_rows(segments, qseg_gmem, bi, h, q0, bq)))
 
-    def body(context, step, k_smem, v_smem, acc):
+    def body(w, context, step, k_smem, v_smem, acc):
       lse_rows, delta_rows, q_seg_rows = context
-      w = _warpgroup() if ws else 0
       ki = block_at(step)
       s = _smem_product(q_smem.at[w], k_smem, (bq, bk)) * scale
       keep = _query_major_mask(first_row(w), ki, q_seg_rows, kseg_gmem.at[bi], bq=bq, bk=bk,
@@ -392,9 +385,8 @@ def _dkv(q, k, v, do, lse, delta, q_seg, k_seg, ranges=None, *, causal, window, 
       zeros = plgpu.layout_cast(jnp.zeros((bk, d), jnp.float32), wg)
       return (zeros, zeros), k_seg_rows
 
-    def body(k_seg_rows, step, q_smem, do_smem, carry):
+    def body(w, k_seg_rows, step, q_smem, do_smem, carry):
       dk, dv = carry
-      w = _warpgroup() if ws else 0
       k0 = first_key(w)
       qi = block_at(step)
       cols = lambda ref: jax.lax.broadcast_in_dim(
