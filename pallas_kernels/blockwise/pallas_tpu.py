@@ -76,10 +76,11 @@ def lists_from_keep(keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 # ---- kernels -------------------------------------------------------------------------------------
 
 def _mask(qi, ki, q_seg, k_seg, *, bq, bk, causal, window, s_len):
-  """[bq, bk] keep-mask of one tile."""
+  """[bq, bk] keep-mask of one tile; q_seg a column [bq, 1], k_seg a row [1, bk] (as their
+  blocks arrive: no vector changes orientation in the kernel, which Mosaic would relayout)."""
   q_pos = qi * bq + jax.lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
   k_pos = ki * bk + jax.lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
-  keep = (k_pos < s_len) & (q_seg[:, None] == k_seg[None, :])
+  keep = (k_pos < s_len) & (q_seg == k_seg)
   if causal:
     keep = keep & (k_pos <= q_pos)
   if window is not None:
@@ -101,7 +102,7 @@ def _fwd_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, qs_ref, ks_ref, o_ref, ls
   @pl.when(j < cnt_ref[qi])
   def _body():
     s = _dot(q_ref[...], k_ref[...], 1, 1) * scale  # [bq, bk]
-    keep = mask(qi, ki, qs_ref[...][:, 0], ks_ref[...][:, 0])
+    keep = mask(qi, ki, qs_ref[...], ks_ref[...])
     s = jnp.where(keep, s, MASK_VALUE)
     m_prev = m_scr[...]  # [bq, 1]
     m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
@@ -124,7 +125,7 @@ def _probs_and_dscores(q_ref, k_ref, v_ref, qs_ref, ks_ref, do_ref, lse_ref, del
   """The recomputed probabilities p [bq, bk] of a tile and the score gradients ds = p (dp -
   delta), from the saved log-sum-exp (FlashAttention-2's backward)."""
   s = _dot(q_ref[...], k_ref[...], 1, 1) * scale
-  keep = mask(qi, ki, qs_ref[...][:, 0], ks_ref[...][:, 0])
+  keep = mask(qi, ki, qs_ref[...], ks_ref[...])
   p = jnp.where(keep, jnp.exp(s - lse_ref[...]), 0.0)
   dp = _dot(do_ref[...], v_ref[...], 1, 1)
   return p, p * (dp - delta_ref[...])
@@ -198,7 +199,7 @@ def _specs(bq, bk, d, group, *, kv_major: bool, n_slots: int = 0):
   k = pl.BlockSpec((None, None, bk, d),
                    lambda b, h, i, j, idx, cnt: (b, kh(h, j), kb(i, j, idx), 0))
   qs = pl.BlockSpec((None, bq, 1), lambda b, h, i, j, idx, cnt: (b, qb(i, j, idx), 0))
-  ks = pl.BlockSpec((None, bk, 1), lambda b, h, i, j, idx, cnt: (b, kb(i, j, idx), 0))
+  ks = pl.BlockSpec((None, 1, bk), lambda b, h, i, j, idx, cnt: (b, 0, kb(i, j, idx)))
   row = pl.BlockSpec((None, None, bq, 1),
                      lambda b, h, i, j, idx, cnt: (b, qh(h, j), qb(i, j, idx), 0))
   return q, k, qs, ks, row
@@ -218,10 +219,11 @@ def _block_size(n: int, block: int) -> int:
 
 
 def _prepare(q, k, v, segment_ids, bq, bk):
-  """Padded q, k, v as [B, H, T, D] and segment ids as [B, T, 1] columns."""
+  """Padded q, k, v as [B, H, T, D], query segment ids as columns [B, T, 1] and key segment
+  ids as rows [B, 1, S]."""
   q, k, v, q_seg, k_seg = pad_for_tiles(q, k, v, segment_ids, bq, bk)
   to_bhtd = lambda x: x.transpose(0, 2, 1, 3)
-  return to_bhtd(q), to_bhtd(k), to_bhtd(v), q_seg[..., None], k_seg[..., None]
+  return to_bhtd(q), to_bhtd(k), to_bhtd(v), q_seg[..., None], k_seg[:, None, :]
 
 
 def _forward(q, k, v, segment_ids, lists, cfg):

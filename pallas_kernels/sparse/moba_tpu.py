@@ -98,7 +98,7 @@ def cdiv_array(a, b: int):
 
 def _logits_and_keep(q_ref, k_ref, qseg_ref, kseg_ref, scale):
   s = _dot(q_ref[...], k_ref[...], 1, 1) * scale  # [bq, Bm]
-  keep = qseg_ref[...] == kseg_ref[...][:, 0][None, :]  # padding rows have segment -1
+  keep = qseg_ref[...] == kseg_ref[...]  # [bq, 1] == [1, Bm]; padding rows have segment -1
   return s, keep
 
 
@@ -175,7 +175,7 @@ def _specs(cfg, d, group):
   bq, bm = cfg.bq, cfg.block
   row = lambda width: pl.BlockSpec((None, None, bq, width), lambda b, h, w, blk, wk: (b, h, w, 0))
   key = pl.BlockSpec((None, None, bm, d), lambda b, h, w, blk, wk: (b, h // group, blk[b, h, w], 0))
-  kseg = pl.BlockSpec((None, bm, 1), lambda b, h, w, blk, wk: (b, blk[b, h, w], 0))
+  kseg = pl.BlockSpec((None, 1, bm), lambda b, h, w, blk, wk: (b, 0, blk[b, h, w]))
   out_kv = pl.BlockSpec((None, None, bm, d), lambda b, h, w, blk, wk: (b, h, blk[b, h, w], 0))
   return row, key, kseg, out_kv
 
@@ -283,7 +283,7 @@ def moba_gathered_tpu(q, k, v, *, pattern, segment_ids=None, sm_scale=None, inte
   qseg = jnp.where(token >= 0, jnp.take_along_axis(seg[:, None, :], safe, axis=2), -1)[..., None]
   pad = nb * bm - t
   to_bhtd = lambda x: jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
-  kseg = jnp.pad(seg, ((0, 0), (0, pad)), constant_values=-2)[..., None]
+  kseg = jnp.pad(seg, ((0, 0), (0, pad)), constant_values=-2)[:, None, :]  # rows [B, 1, S]
   cfg = _RoutedConfig(bq=bq, block=bm, scale=scale, interpret=interpret)
   og, lseg = _routed(qg, to_bhtd(k), to_bhtd(v), qseg, kseg, (tile_block, tile_work), cfg)
   return merge_parts(o_own, lse_own, og, lseg, dest, routes)
