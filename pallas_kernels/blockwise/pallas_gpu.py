@@ -20,7 +20,9 @@ position inside each tile.
 Backward (FlashAttention-2's, from the saved log-sum-exp): a dq kernel per query tile walks the
 key tiles up to the diagonal; a dk/dv kernel per (key tile, query head) walks the query tiles
 from the diagonal on, computing the transposed tiles (keys as rows) so that both products
-accumulate on the tensor cores. dk, dv are per query head, summed over each group.
+accumulate on the tensor cores; for GQA one CTA walks every query head of its key/value head,
+so dk, dv are summed over the group in registers (with the per-head tables of MoBA and block
+masks they are per query head and summed after).
 
 Layout: [B, T, H, D] as the API takes it (TMA reads the strided head slices); T is padded to the
 tile.
@@ -353,14 +355,18 @@ def _dq(q, k, v, do, lse, delta, q_seg, k_seg, ranges=None, *, causal, window, s
 
 def _dkv(q, k, v, do, lse, delta, q_seg, k_seg, ranges=None, *, causal, window, scale, s_len, bq,
          bk, stages, interpret, stage_in_smem, segments, lists=False, ws=False):
-  """dk, dv per query head ([B, S, Hq, D] in the input dtype, written through the k and v
-  tiles' shared memory once they are done); the caller sums each group in fp32. A CTA per
-  (keys, query head, batch) walks the query tiles that see those keys (bk keys, or
+  """(dk, dv) in the input dtype, written through the k and v tiles' shared memory once done.
+  A CTA per (keys, head, batch) walks the query tiles that see those keys (bk keys, or
   WS_WARPGROUPS x bk with ws, one compute warpgroup per bk), on transposed tiles (keys as rows)
-  so that both products accumulate on the tensor cores."""
+  so that both products accumulate on the tensor cores. Without tables the query tiles are the
+  same for every query head of a group, so the CTA is per key/value head and walks them for
+  each of its query heads in one pipeline: dk, dv [B, S, Hkv, D], summed over the group in
+  registers. With tables (per query head) they are per query head, [B, S, Hq, D], and the
+  caller sums each group."""
   b, tp, hq, d = q.shape
   sp, hkv = k.shape[1], k.shape[2]
   group = hq // hkv
+  heads_per_cta = group if ranges is None else 1
   dtype = q.dtype
   nq = tp // bq
   n_wg = WS_WARPGROUPS if ws else 1
@@ -370,10 +376,14 @@ def _dkv(q, k, v, do, lse, delta, q_seg, k_seg, ranges=None, *, causal, window, 
 
   def kernel(q_gmem, k_gmem, v_gmem, do_gmem, lse_gmem, delta_gmem, qseg_gmem, kseg_gmem, *rest):
     ranges_gmem, (dk_gmem, dv_gmem, k_smem, v_smem, barrier, *stage_smem) = _split(rest, ranges)
-    ki, h, bi = (jax.lax.axis_index(n) for n in ("k", "h", "b"))
-    kvh = h // group
-    steps, block_at = _visits(ranges_gmem, lists, bi, h, ki, lambda: _q_range(
+    ki, hh, bi = (jax.lax.axis_index(n) for n in ("k", "h", "b"))  # hh: the output's head
+    kvh = hh if ranges is None else hh // group
+    first_head = kvh * group if ranges is None else hh
+    per_head, block_at = _visits(ranges_gmem, lists, bi, first_head, ki, lambda: _q_range(
         ki * cta_keys, bq=bq, bk=cta_keys, nq=nq, causal=causal, window=window))
+    # Pipeline step j: query head first_head + j // per_head, its (j % per_head)-th tile.
+    head_at = lambda j: first_head + j // jnp.maximum(per_head, 1)
+    tile_at = lambda j: block_at(j % jnp.maximum(per_head, 1))
     first_key = lambda w: ki * cta_keys + w * bk
 
     def setup(w):
@@ -388,7 +398,7 @@ def _dkv(q, k, v, do, lse, delta, q_seg, k_seg, ranges=None, *, causal, window, 
     def body(w, k_seg_rows, step, q_smem, do_smem, carry):
       dk, dv = carry
       k0 = first_key(w)
-      qi = block_at(step)
+      h, qi = head_at(step), tile_at(step)
       cols = lambda ref: jax.lax.broadcast_in_dim(
           plgpu.load(ref.at[bi, h, pl.ds(qi * bq, bq)], layout=wg.reduce(0), optimized=False),
           (bk, bq), [1])
@@ -415,20 +425,23 @@ def _dkv(q, k, v, do, lse, delta, q_seg, k_seg, ranges=None, *, causal, window, 
       k_smem.at[w][...] = (dk * scale).astype(dtype)
       v_smem.at[w][...] = dv.astype(dtype)
       plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(k_smem.at[w], dk_gmem.at[bi, pl.ds(first_key(w), bk), h])
-      plgpu.copy_smem_to_gmem(v_smem.at[w], dv_gmem.at[bi, pl.ds(first_key(w), bk), h])
+      plgpu.copy_smem_to_gmem(k_smem.at[w], dk_gmem.at[bi, pl.ds(first_key(w), bk), hh])
+      plgpu.copy_smem_to_gmem(v_smem.at[w], dv_gmem.at[bi, pl.ds(first_key(w), bk), hh])
       plgpu.wait_smem_to_gmem(0)
 
-    spec = plgpu.BlockSpec((bq, d), lambda j: (block_at(j), 0), transforms=transforms)
-    _warpgroup_pipeline(body, setup, finish, ws=ws, steps=steps, specs=[spec, spec],
-                        stages=stages, gmem_refs=(q_gmem.at[bi, :, h], do_gmem.at[bi, :, h]))
+    spec = plgpu.BlockSpec((bq, None, d), lambda j: (tile_at(j), head_at(j), 0),
+                           transforms=transforms)
+    _warpgroup_pipeline(body, setup, finish, ws=ws, steps=heads_per_cta * per_head,
+                        specs=[spec, spec], stages=stages,
+                        gmem_refs=(q_gmem.at[bi], do_gmem.at[bi]))
 
   tile = plgpu.SMEM((n_wg, bk, d), dtype, transforms=transforms)
   scratch = (tile, tile, plgpu.Barrier(num_barriers=n_wg))
   if stage_in_smem:
     scratch += (plgpu.SMEM((n_wg, bk, bq), dtype, transforms=transforms),)
-  out = jax.ShapeDtypeStruct((b, sp, hq, d), dtype)
-  return _launch(kernel, out_type=(out, out), grid=(sp // cta_keys, hq, b),
+  out_heads = hkv if ranges is None else hq
+  out = jax.ShapeDtypeStruct((b, sp, out_heads, d), dtype)
+  return _launch(kernel, out_type=(out, out), grid=(sp // cta_keys, out_heads, b),
                  grid_names=("k", "h", "b"), scratch=scratch, ws=ws,
                  interpret=interpret)(q, k, v, do, lse, delta, q_seg, k_seg,
                                       *(() if ranges is None else (ranges,)))
@@ -519,8 +532,8 @@ def _flash_gpu_bwd(cfg, res, cotangents):
   kv_table, q_table, lists = _tables(tables)
   dq = _dq(*args, kv_table, lists=lists, **common)
   dk, dv = _dkv(*args, q_table, lists=lists, **common)
-  fold = lambda x: x.astype(jnp.float32).reshape(b, -1, hkv, hq // hkv, d).sum(axis=3)[
-      :, :s].astype(kp.dtype)
+  fold = lambda x: (x if x.shape[2] == hkv else x.astype(jnp.float32).reshape(
+      b, -1, hkv, hq // hkv, d).sum(axis=3).astype(kp.dtype))[:, :s]
   no_grad = None if tables is None else jax.tree.map(lambda _: None, tables)
   return dq[:, :t], fold(dk), fold(dv), None, no_grad
 
