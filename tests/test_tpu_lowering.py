@@ -49,8 +49,8 @@ CASES = {
     "sliding window": (
         lambda q, k, v: sparse_flash_tpu(q, k, v, pattern=SlidingWindow(200)), (), 3),
     "block mask": (
-        lambda q, k, v: sparse_flash_tpu(
-            q, k, v, pattern=local_global_strided(128, 5, local=2, global_blocks=1, stride=3)), (), 3),
+        lambda q, k, v: sparse_flash_tpu(q, k, v, pattern=local_global_strided(
+            128, 5, local=2, global_blocks=1, stride=3)), (), 3),
     "moba": (lambda q, k, v, s: sparse_flash_tpu(q, k, v, pattern=MoBA(128, 3), segment_ids=s),
              (SEG,), 6),
     "linear gates normalised": (

@@ -18,7 +18,7 @@ h // (Hq // Hkv), read in place. Segment ids (when given) and the padded tail ar
 position inside each tile.
 
 Backward (FlashAttention-2's, from the saved log-sum-exp): a dq kernel per query tile walks the
-key tiles up to the diagonal; a dk/dv kernel per (key tile, query head) walks the query tiles
+key tiles up to the diagonal; a dk/dv kernel per (key tile, head) walks the query tiles
 from the diagonal on, computing the transposed tiles (keys as rows) so that both products
 accumulate on the tensor cores; for GQA one CTA walks every query head of its key/value head,
 so dk, dv are summed over the group in registers (with the per-head tables of MoBA and block

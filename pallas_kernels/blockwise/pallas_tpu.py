@@ -275,7 +275,8 @@ def _backward(res, lists, cotangents, cfg, shapes):
   dk, dv = _call(functools.partial(_dkv_kernel, n_slots=n_slots, **kw),
                  (b, hkv, nk, group * n_slots), bwd_lists,
                  [qspec, kspec, kspec, qsspec, ksspec, qspec, row, row], [kspec, kspec],
-                 [jax.ShapeDtypeStruct(kt.shape, kt.dtype), jax.ShapeDtypeStruct(vt.shape, vt.dtype)],
+                 [jax.ShapeDtypeStruct(kt.shape, kt.dtype),
+                  jax.ShapeDtypeStruct(vt.shape, vt.dtype)],
                  [pltpu.VMEM((cfg.bk, d), jnp.float32), pltpu.VMEM((cfg.bk, d), jnp.float32)],
                  cfg.interpret, "lmtrain_flash_dkv", *args)
   unpad = lambda x: x[:, :, :cfg.s_len].transpose(0, 2, 1, 3)

@@ -154,9 +154,9 @@ def _decayed_sums(x, y, scale, decay, *, chunk, reverse, interpret):
 
   A scan is sequential, so its time is steps x the latency of one; to keep that (and the
   parallelism) independent of T, the kernel restarts it every SCAN_SEGMENT_CHUNKS (`per`)
-  chunks, all segments at once, and the segments are joined here: with C_g the value entering segment g
-  (C_0 = 0, C_{g+1} = (prod of g's decays) C_g + final_g), the value before chunk p is
-  local_p + (prod of the decays from g's start to p) C_g."""
+  chunks, all segments at once, and the segments are joined here: with C_g the value entering
+  segment g (C_0 = 0, C_{g+1} = (prod of g's decays) C_g + final_g), the value before chunk p
+  is local_p + (prod of the decays from g's start to p) C_g."""
   b, tp, _, d = x.shape
   hq, dv = scale.shape[1], y.shape[-1]
   n = tp // chunk
