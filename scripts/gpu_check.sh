@@ -2,8 +2,8 @@
 # One device call: the GPU-marked tests, the three benchmark tables and the trainer's MFU on
 # configs/gpt125m.py; a summary (test result, every table, the MFU lines) is printed last.
 # On the lent GPU machine (no registry there) carry .whl/, made here by
-#   bash ../shared/tools/device-wheels.sh fla-core==0.6.0
-# (grain, ml_collections; fla-core is flash-linear-attention's ops, the linear peer), then:
+#   bash scripts/gpu_wheels.sh
+# (grain, ml_collections, tensorboardX, and fla-core for the linear peer), then:
 #   run(command="bash scripts/gpu_check.sh", carry=[".whl"], timeout_s=540)
 # Parts can be named to run fewer (default: all, in this order; 500 s at most):
 #   bash scripts/gpu_check.sh tests blockwise linear sparse mfu
@@ -19,6 +19,17 @@ fi
 export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
 python3 -c "import jax; print('jax', jax.__version__, jax.devices())"
+# Every runtime dependency importable? (A missing one would fail each part on its own.)
+python3 - <<'PY'
+import importlib
+need = ["jax", "flax", "optax", "orbax.checkpoint", "grain", "ml_collections", "absl",
+        "tensorboardX", "tensorboard", "matplotlib", "PIL", "hypothesis", "pytest"]
+missing = [m for m in need if importlib.util.find_spec(m) is None]
+print("missing modules (carry their wheels: bash scripts/gpu_wheels.sh):" if missing
+      else "all runtime modules importable", " ".join(missing))
+peers = {m: importlib.util.find_spec(m) is not None for m in ("fla", "tokamax", "torch")}
+print("peers:", peers)
+PY
 
 part() {  # part NAME SECONDS COMMAND...: runs it under a timeout, its log in $OUT/NAME.log
   local name=$1 limit=$2
