@@ -199,7 +199,7 @@ def _online_softmax_step(s, keep, carry, v_smem, p_smem, *, d, dtype):
 
 
 def _forward(q, k, v, q_seg, k_seg, ranges=None, *, causal, window, scale, s_len, bq, bk, stages,
-             interpret, p_in_smem, segments, lists=False, ws=False):
+             interpret, stage_in_smem, segments, lists=False, ws=False):
   """(o [B, Tp, Hq, D], lse [B, Hq, Tp]). A CTA per (query rows, query head, batch): bq rows, or
   with ws WS_WARPGROUPS x bq rows, one compute warpgroup per bq. ranges (optional, not with
   ws): a table of each query tile's key blocks instead of the causal / window formula:
@@ -256,7 +256,7 @@ def _forward(q, k, v, q_seg, k_seg, ranges=None, *, causal, window, scale, s_len
 
   scratch = (plgpu.SMEM((n_wg, bq, d), dtype, transforms=transforms),
              plgpu.SMEM((n_wg, bq), jnp.float32), plgpu.Barrier(num_barriers=n_wg))
-  if p_in_smem:
+  if stage_in_smem:
     scratch += (plgpu.SMEM((n_wg, bq, bk), dtype, transforms=transforms),)
   call = _launch(kernel, out_type=(jax.ShapeDtypeStruct((b, tp, hq, d), dtype),
                                    jax.ShapeDtypeStruct((b, hq, tp), jnp.float32)),
@@ -497,14 +497,19 @@ def _operands(q, k, v, segment_ids, tables, kw):
   return pad_for_tiles(q, k, v, segment_ids, kw["bq"], kw["bk"])
 
 
+def _kernel_kw(tables, kw) -> dict:
+  """The static arguments every kernel of a call shares."""
+  return dict(causal=kw["causal"], window=kw["window"], scale=kw["scale"], s_len=kw["s_len"],
+              stages=kw["stages"], interpret=kw["interpret"], stage_in_smem=kw["stage_in_smem"],
+              segments=_has_segments(tables, kw))
+
+
 def _flash_gpu_fwd(q, k, v, segment_ids, tables, cfg):
   kw = cfg.kw
   t = q.shape[1]
   qp, kp, vp, q_seg, k_seg = _operands(q, k, v, segment_ids, tables, kw)
   kv_table, _, lists = _tables(tables)
-  common = dict(causal=kw["causal"], window=kw["window"], scale=kw["scale"], s_len=kw["s_len"],
-                stages=kw["stages"], interpret=kw["interpret"], p_in_smem=kw["stage_in_smem"],
-                segments=_has_segments(tables, kw))
+  common = _kernel_kw(tables, kw)
   if _warp_specialised(tables, kw):
     o, lse = _forward(qp, kp, vp, q_seg, k_seg, bq=WS_FORWARD_ROWS, bk=kw["bk_ws"], ws=True,
                       **common)
@@ -523,10 +528,8 @@ def _flash_gpu_bwd(cfg, res, cotangents):
   do_p = jnp.pad(do, ((0, 0), (0, tp - t), (0, 0), (0, 0))).astype(qp.dtype)
   delta = jnp.einsum("bthd,bthd->bht", do_p.astype(jnp.float32), o.astype(jnp.float32))
   delta = delta - jnp.pad(dlse.astype(jnp.float32), ((0, 0), (0, 0), (0, tp - t)))
-  common = dict(causal=kw["causal"], window=kw["window"], scale=kw["scale"], s_len=kw["s_len"],
-                bq=kw["bq"], bk=kw["bk"], stages=kw["stages"], interpret=kw["interpret"],
-                stage_in_smem=kw["stage_in_smem"], segments=_has_segments(tables, kw),
-                # Two warpgroups' resident tiles plus the stream outgrow shared memory above 128.
+  # Two warpgroups' resident tiles plus the stream outgrow shared memory above head dim 128.
+  common = dict(_kernel_kw(tables, kw), bq=kw["bq"], bk=kw["bk"],
                 ws=_warp_specialised(tables, kw) and d <= 128)
   args = (qp, kp, vp, do_p, lse, delta, q_seg, k_seg)
   kv_table, q_table, lists = _tables(tables)
