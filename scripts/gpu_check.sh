@@ -48,8 +48,11 @@ bench() {  # bench FAMILY SECONDS [ARGS...]: rows also go to stderr as measured,
 
 for p in ${*:-tests blockwise linear sparse mfu}; do
   case $p in
-    # -v: each test's verdict is printed as it finishes, so a run cut by the limit still tells.
-    tests) part tests 140 python3 -m pytest -v --tb=short -m gpu -p no:cacheprovider tests ;;
+    # -v: each test's verdict is printed as it finishes, so a run cut by the limit still tells;
+    # with pytest-timeout (in the image) a test that hangs ends the run at 60 s, not at 140.
+    tests) hang=$(python3 -c "import pytest_timeout" 2>/dev/null &&
+                  echo "--timeout=60 --timeout-method=thread")
+           part tests 140 python3 -m pytest -v --tb=short -m gpu -p no:cacheprovider $hang tests ;;
     blockwise) bench blockwise 90 ;;
     # fla (the peer) autotunes for minutes on first use: two lengths, its rows after ours.
     linear) bench linear 80 --lengths 8192,32768 ;;
