@@ -249,11 +249,13 @@ def _outputs(fq, fk, v, states, bcum, qs, seg, *, chunk, interpret, stage=None):
 def _chunk_grads(fq, fk, v, dn, drows, states, dstates, bcum, qs, ks, seg, *, chunk, interpret,
                  which):
   """Per chunk, in parallel, with P = (dN V^T + dR 1^T) * W and A = (Q K^T) * W:
-    which="dq":  dq = P K + qs * (dN S_c^T)                    [B, Tp, Hq, D] fp32
-    which="dkv": dk = P^T Q + ks * (V dH_c^T),  dv = A^T dN + ks * (K dH_c)
-  (dk, dv per query head, fp32; the caller sums each group). Shared memory holds only the
-  operand tiles (5 for dq, 6 for dk/dv; A reuses P's buffer once dk is done) and the fp32
-  results go from registers straight to memory, so chunk 128 fits at head dim 128."""
+    which="dq":  dq = P K + qs * (dN S_c^T)                           -> (dq, phi(q).dq)
+    which="dkv": dk = P^T Q + ks * (V dH_c^T),  dv = A^T dN + ks * (K dH_c) -> (dk, dv, phi(k).dk)
+  dq, dk, dv [B, Tp, Hq, D] in the input dtype (dk, dv per query head; the caller sums each
+  group); the row dots [B, Hq, Tp] fp32, taken from the fp32 accumulators, are what the gate
+  gradient needs, so no fp32 gradient ever goes to memory. Shared memory holds only the operand
+  tiles (6 each; A reuses P's buffer once dk is done) and the results go from registers
+  straight to memory, so chunk 128 fits at head dim 128."""
   b, tp, hq, d = fq.shape
   dv = v.shape[-1]
   n = tp // chunk
@@ -266,19 +268,18 @@ def _chunk_grads(fq, fk, v, dn, drows, states, dstates, bcum, qs, ks, seg, *, ch
   def kernel(q_gmem, k_gmem, v_gmem, dn_gmem, dr_gmem, s_gmem, b_gmem, b2_gmem, qs_gmem, ks_gmem,
              seg_gmem, seg2_gmem, *rest):
     if which == "dq":
-      dq_gmem, k_smem, v_smem, dn_smem, s_smem, p_smem, barrier = rest
+      dq_gmem, dot_gmem, q_smem, k_smem, v_smem, dn_smem, s_smem, p_smem, barrier = rest
     else:
-      dk_gmem, dv_gmem, q_smem, k_smem, v_smem, dn_smem, s_smem, p_smem, barrier = rest
+      (dk_gmem, dv_gmem, dot_gmem, q_smem, k_smem, v_smem, dn_smem, s_smem, p_smem,
+       barrier) = rest
     c, h, bi = (jax.lax.axis_index(x) for x in ("c", "h", "b"))
     kvh = h // group
     t0 = c * chunk
-    copies = [(k_gmem.at[bi, pl.ds(t0, chunk), kvh], k_smem),
-              (v_gmem.at[bi, pl.ds(t0, chunk), kvh], v_smem),
-              (dn_gmem.at[bi, pl.ds(t0, chunk), h], dn_smem),
-              (s_gmem.at[bi, h, pl.ds(c * d, d)], s_smem)]
-    if which == "dkv":
-      copies.append((q_gmem.at[bi, pl.ds(t0, chunk), h], q_smem))
-    for src, dst in copies:
+    for src, dst in ((q_gmem.at[bi, pl.ds(t0, chunk), h], q_smem),
+                     (k_gmem.at[bi, pl.ds(t0, chunk), kvh], k_smem),
+                     (v_gmem.at[bi, pl.ds(t0, chunk), kvh], v_smem),
+                     (dn_gmem.at[bi, pl.ds(t0, chunk), h], dn_smem),
+                     (s_gmem.at[bi, h, pl.ds(c * d, d)], s_smem)):
       plgpu.copy_gmem_to_smem(src, dst, barrier)
       plgpu.barrier_wait(barrier)
     vec = lambda ref: _row_vector(ref, t0, chunk, wg.reduce(1))
@@ -287,36 +288,43 @@ def _chunk_grads(fq, fk, v, dn, drows, states, dstates, bcum, qs, ks, seg, *, ch
     dr = jax.lax.broadcast_in_dim(vec(dr_gmem.at[bi, h]), shape, [0])
     p = (_product(dn_smem, v_smem.T, shape) + dr) * w
     _stage(p, p_smem)
+
+    def out(grad, ref, features_smem):
+      """grad [chunk, D] fp32 -> ref (input dtype), and its row dots with the features."""
+      ref.at[bi, pl.ds(t0, chunk), h][...] = grad.astype(dtype)
+      if features_smem is not None:
+        features = plgpu.load(features_smem, layout=wg, optimized=False)
+        dot_gmem.at[bi, h, pl.ds(t0, chunk)][...] = (grad * features.astype(jnp.float32)).sum(
+            axis=1)
+
     if which == "dq":
       qs_rows = vec(qs_gmem.at[bi, h])
-      dq_gmem.at[bi, pl.ds(t0, chunk), h][...] = (
-          _product(p_smem, k_smem, (chunk, d))
+      out(_product(p_smem, k_smem, (chunk, d))
           + jax.lax.broadcast_in_dim(qs_rows, (chunk, d), [0])
-          * _product(dn_smem, s_smem.T, (chunk, d)))
+          * _product(dn_smem, s_smem.T, (chunk, d)), dq_gmem, q_smem)
       return
     ks_rows = vec(ks_gmem.at[bi, h])
-    dk_gmem.at[bi, pl.ds(t0, chunk), h][...] = (
-        _product(p_smem.T, q_smem, (chunk, d))
+    out(_product(p_smem.T, q_smem, (chunk, d))
         + jax.lax.broadcast_in_dim(ks_rows, (chunk, d), [0])
-        * _product(v_smem, s_smem.T, (chunk, d)))
+        * _product(v_smem, s_smem.T, (chunk, d)), dk_gmem, k_smem)
     a = _product(q_smem, k_smem.T, shape) * w  # P's products have finished: reuse its buffer
     _stage(a, p_smem)
-    dv_gmem.at[bi, pl.ds(t0, chunk), h][...] = (
-        _product(p_smem.T, dn_smem, (chunk, dv))
+    out(_product(p_smem.T, dn_smem, (chunk, dv))
         + jax.lax.broadcast_in_dim(ks_rows, (chunk, dv), [0])
-        * _product(k_smem, s_smem, (chunk, dv)))
+        * _product(k_smem, s_smem, (chunk, dv)), dv_gmem, None)
 
   tile = lambda rows, cols: plgpu.SMEM((rows, cols), dtype, transforms=tr)
-  scratch = [tile(chunk, d), tile(chunk, dv), tile(chunk, dv), tile(d, dv), tile(chunk, chunk)]
-  f32_out = lambda width: jax.ShapeDtypeStruct((b, tp, hq, width), jnp.float32)
+  scratch = (tile(chunk, d), tile(chunk, d), tile(chunk, dv), tile(chunk, dv), tile(d, dv),
+             tile(chunk, chunk), plgpu.Barrier())
+  grad = lambda width: jax.ShapeDtypeStruct((b, tp, hq, width), dtype)
+  dots = jax.ShapeDtypeStruct((b, hq, tp), jnp.float32)
   if which == "dq":
-    out_type, state_like = f32_out(d), states
+    out_type, state_like = (grad(d), dots), states
   else:
-    out_type, state_like = (f32_out(d), f32_out(dv)), dstates
-    scratch = [tile(chunk, d)] + scratch
+    out_type, state_like = (grad(d), grad(dv), dots), dstates
   return plgpu.kernel(
       kernel, out_type=out_type, grid=(n, hq, b), grid_names=("c", "h", "b"),
-      scratch_types=tuple(scratch) + (plgpu.Barrier(),), interpret=interpret or False)(
+      scratch_types=scratch, interpret=interpret or False)(
           fq, fk, v, dn, drows, state_like, bcum, bcum, qs, ks, seg, seg)
 
 
@@ -364,17 +372,15 @@ def _kernel_part_bwd(chunk, interpret, res, cotangents):
   dr = jnp.pad(drows.astype(jnp.float32), ((0, 0), (0, 0), (0, tp - t)))
   dstates = _decayed_sums(fq_p, dn, qs, decay, chunk=chunk, reverse=True, interpret=interpret)
   kw = dict(chunk=chunk, interpret=interpret)
-  dq = _chunk_grads(fq_p, fk_p, v_p, dn, dr, states, dstates, bcum, qs, ks, seg_p, which="dq",
-                    **kw)
-  dk, dv = _chunk_grads(fq_p, fk_p, v_p, dn, dr, states, dstates, bcum, qs, ks, seg_p,
-                        which="dkv", **kw)
+  dq, q_dots = _chunk_grads(fq_p, fk_p, v_p, dn, dr, states, dstates, bcum, qs, ks, seg_p,
+                            which="dq", **kw)
+  dk, dv, k_dots = _chunk_grads(fq_p, fk_p, v_p, dn, dr, states, dstates, bcum, qs, ks, seg_p,
+                                which="dkv", **kw)
   # dL/dc_t = phi(q_t).dq_t - phi(k_t).dk_t per query head (see linear/pallas_tpu.py).
-  fk_rep = jnp.repeat(fk_p.astype(jnp.float32), group, axis=2)
-  dc = jnp.sum(fq_p.astype(jnp.float32) * dq, axis=-1) - jnp.sum(fk_rep * dk, axis=-1)
-  dg = jnp.cumsum(dc[:, ::-1], axis=1)[:, ::-1][:, :t]  # [B, T, Hq]
-  fold = lambda x: x.reshape(b, tp, hkv, group, -1).sum(axis=3)[:, :t]
-  return (dq[:, :t].astype(fq_p.dtype), fold(dk).astype(fk_p.dtype), fold(dv).astype(v_p.dtype),
-          dg, None)
+  dc = (q_dots - k_dots).transpose(0, 2, 1)  # [B, Tp, Hq]
+  dg = jnp.cumsum(dc[:, ::-1], axis=1)[:, ::-1][:, :t]
+  fold = lambda x: x.astype(jnp.float32).reshape(b, tp, hkv, group, -1).sum(axis=3)[:, :t]
+  return (dq[:, :t], fold(dk).astype(fk_p.dtype), fold(dv).astype(v_p.dtype), dg, None)
 
 
 _kernel_part.defvjp(_kernel_part_fwd, _kernel_part_bwd)
