@@ -186,8 +186,9 @@ def _decayed_sums(x, y, scale, decay, *, chunk, reverse, interpret):
   return order(states).astype(local.dtype).reshape(b, hq, n * d, dv)
 
 
-def _outputs(fq, fk, v, states, bcum, qs, seg, *, chunk, interpret, stage=None):
-  """num [B, Tp, Hq, Dv] (fp32) and the intra-chunk row sums of QK^T * W [B, Hq, Tp]. Each CTA
+def _outputs(fq, fk, v, states, bcum, qs, seg, *, chunk, interpret, num_dtype, stage=None):
+  """num [B, Tp, Hq, Dv] in num_dtype (fp32 when a normalisation follows, else the output's
+  dtype: no fp32 round trip) and the intra-chunk row sums of QK^T * W [B, Hq, Tp]. Each CTA
   pipelines a few consecutive chunks (their tiles and states stream in while it computes)."""
   b, tp, hq, d = fq.shape
   dv = v.shape[-1]
@@ -202,7 +203,8 @@ def _outputs(fq, fk, v, states, bcum, qs, seg, *, chunk, interpret, stage=None):
   # Double-buffer the tiles when they fit (chunk 128 with head dim 128 does not).
   item = jnp.dtype(dtype).itemsize
   per_step = chunk * (2 * d + dv) * item + d * dv * item
-  fixed = chunk * dv * 4 + chunk * 4 + (chunk * chunk * item if stage else 0)
+  fixed = (chunk * dv * jnp.dtype(num_dtype).itemsize + chunk * 4
+           + (chunk * chunk * item if stage else 0))
   steps_in_flight = 2 if 2 * per_step + fixed <= SMEM_BYTES else 1
 
   def kernel(q_gmem, k_gmem, v_gmem, s_gmem, b_gmem, b2_gmem, qs_gmem, seg_gmem, seg2_gmem,
@@ -220,7 +222,8 @@ def _outputs(fq, fk, v, states, bcum, qs, seg, *, chunk, interpret, stage=None):
       inter = _product(q_smem, s_smem, (chunk, dv))
       qs_rows = _row_vector(qs_gmem.at[bi, h], t0, chunk, wg.reduce(1))
       plgpu.wait_smem_to_gmem(0)  # the previous chunk's outputs have left (see _decayed_sums)
-      num_smem[...] = intra + jax.lax.broadcast_in_dim(qs_rows, (chunk, dv), [0]) * inter
+      num_smem[...] = (intra + jax.lax.broadcast_in_dim(qs_rows, (chunk, dv), [0]) * inter
+                       ).astype(num_dtype)
       rows_smem[...] = a.sum(axis=1)
       plgpu.commit_smem()
       plgpu.copy_smem_to_gmem(num_smem, num_gmem.at[bi, pl.ds(t0, chunk), h])
@@ -238,10 +241,10 @@ def _outputs(fq, fk, v, states, bcum, qs, seg, *, chunk, interpret, stage=None):
 
   return plgpu.kernel(
       kernel,
-      out_type=(jax.ShapeDtypeStruct((b, tp, hq, dv), jnp.float32),
+      out_type=(jax.ShapeDtypeStruct((b, tp, hq, dv), num_dtype),
                 jax.ShapeDtypeStruct((b, hq, tp), jnp.float32)),
       grid=(n // per_cta, hq, b), grid_names=("o", "h", "b"),
-      scratch_types=(plgpu.SMEM((chunk, dv), jnp.float32), plgpu.SMEM((chunk,), jnp.float32))
+      scratch_types=(plgpu.SMEM((chunk, dv), num_dtype), plgpu.SMEM((chunk,), jnp.float32))
       + ((plgpu.SMEM((chunk, chunk), dtype, transforms=tr),) if stage else ()),
       interpret=interpret or False)(fq, fk, v, states, bcum, bcum, qs, seg, seg)
 
@@ -340,25 +343,26 @@ def _pad_time(x, tp):
   return jnp.pad(x, ((0, 0), (0, tp - x.shape[1])) + ((0, 0),) * (x.ndim - 2))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _kernel_part(fq, fk, v, g, seg, chunk, interpret):
-  """(num [B, T, Hq, Dv] fp32, intra-chunk row sums [B, Hq, T] fp32): the pair sums
-  sum_j G(t, j) (phi(q_t).phi(k_j)) v_j over all j <= t, and over j in t's chunk without v."""
-  return _kernel_part_fwd(fq, fk, v, g, seg, chunk, interpret)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _kernel_part(fq, fk, v, g, seg, chunk, interpret, normalize):
+  """(num [B, T, Hq, Dv], intra-chunk row sums [B, Hq, T] fp32): the pair sums
+  sum_j G(t, j) (phi(q_t).phi(k_j)) v_j over all j <= t, and over j in t's chunk without v.
+  num is fp32 when normalize (the division follows), else in the input dtype."""
+  return _kernel_part_fwd(fq, fk, v, g, seg, chunk, interpret, normalize)[0]
 
 
-def _kernel_part_fwd(fq, fk, v, g, seg, chunk, interpret):
+def _kernel_part_fwd(fq, fk, v, g, seg, chunk, interpret, normalize):
   t, d = fq.shape[1], fq.shape[-1]
   bcum, qs, ks, seg_p, decay = _scalars(g, seg, chunk, d)
   tp = qs.shape[-1]
   fq_p, fk_p, v_p = (_pad_time(x, tp) for x in (fq, fk, v))
   states = _decayed_sums(fk_p, v_p, ks, decay, chunk=chunk, reverse=False, interpret=interpret)
   num, rows = _outputs(fq_p, fk_p, v_p, states, bcum, qs, seg_p, chunk=chunk,
-                       interpret=interpret)
+                       interpret=interpret, num_dtype=jnp.float32 if normalize else fq.dtype)
   return (num[:, :t], rows[:, :, :t]), (fq_p, fk_p, v_p, g, seg, t)
 
 
-def _kernel_part_bwd(chunk, interpret, res, cotangents):
+def _kernel_part_bwd(chunk, interpret, normalize, res, cotangents):
   """Recomputes the chunk states (the forward saves nothing per chunk), then the state
   gradients in reverse and the per-chunk gradients."""
   fq_p, fk_p, v_p, g, seg, t = res
@@ -407,7 +411,7 @@ def _normaliser_inter(fq, fk, g, seg, chunk):
 
 
 def _linear_gpu(fq, fk, v, g, seg, chunk, normalize, interpret):
-  num, rows = _kernel_part(fq, fk, v, g, seg, chunk, interpret)
+  num, rows = _kernel_part(fq, fk, v, g, seg, chunk, interpret, normalize)
   if not normalize:
     return num
   den = rows + _normaliser_inter(fq, fk, g, seg, chunk)
