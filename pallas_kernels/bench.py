@@ -284,9 +284,9 @@ def _run_sparse(shapes, iters):
   from pallas_kernels.sparse.api import kernel_for
   impl = "pallas" if kernel_for("pallas") is not None else "auto"
   window, moba = SlidingWindow(1024), MoBA(512, 4)
+  full_impl = "pallas" if blockwise_kernel_for("pallas") is not None else "reference"
   names = {"window": f"ours sliding window 1024 ({impl})", "moba": f"ours MoBA 512/top4 ({impl})",
-           "full": "ours full causal ({})".format(
-               "pallas" if blockwise_kernel_for("pallas") is not None else "reference")}
+           "full": f"ours full causal ({full_impl})"}
   impls, kept = {}, {}
   pairs = [(names["moba"], names["full"])]
   if jax.default_backend() == "gpu":  # the peers first (see _blockwise_impls)
@@ -300,8 +300,7 @@ def _run_sparse(shapes, iters):
   impls.update({
       names["window"]: functools.partial(sparse_attention, pattern=window, impl=impl),
       names["moba"]: functools.partial(sparse_attention, pattern=moba, impl=impl),
-      names["full"]: functools.partial(
-          blockwise_attention, impl="pallas" if "pallas" in names["full"] else "reference")})
+      names["full"]: functools.partial(blockwise_attention, impl=full_impl)})
   kept.update({names["window"]: window, names["moba"]: moba, names["full"]: None})
   rows = _run(impls, shapes, _causal_flops, iters, kept=kept)
   return rows, _ratios(rows, pairs)

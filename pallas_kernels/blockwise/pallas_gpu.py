@@ -478,13 +478,13 @@ WS_FORWARD_ROWS = 64  # query rows per compute warpgroup in the warp-specialised
 def _warp_specialised(tables, kw) -> bool:
   """Whether the kernels run warp-specialised (the causal / full / window formula only: the
   tables of MoBA and block masks are per 64-row tile)."""
-  return tables is None and kw.get("schedule") == "ws"
+  return tables is None and kw["schedule"] == "ws"  # (table callers set no schedule)
 
 
 def _has_segments(tables, kw) -> bool:
   """Whether the kernels compare segment ids (given ones, or a table's per-head ids); without,
   they mask by position alone and load no ids."""
-  return kw.get("segments", True) or (tables is not None and "q_seg" in tables)
+  return kw["segments"] or (tables is not None and "q_seg" in tables)
 
 
 def _operands(q, k, v, segment_ids, tables, kw):
