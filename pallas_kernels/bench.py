@@ -87,8 +87,10 @@ def _blockwise_impls():
     pass
   if kernel_for("pallas") is not None:
     impls["ours (pallas)"] = functools.partial(blockwise_attention, impl="pallas")
-    if jax.default_backend() == "gpu":  # both GPU schedules side by side
+    if jax.default_backend() == "gpu":  # both backwards and both schedules side by side
       from pallas_kernels.blockwise.pallas_gpu import flash_attention_gpu
+      impls["ours (pallas, fused backward)"] = functools.partial(
+          flash_attention_gpu, backward="fused")
       impls["ours (pallas, one warpgroup)"] = functools.partial(
           flash_attention_gpu, schedule="one_warpgroup")
   else:
@@ -215,12 +217,11 @@ def _ratios(rows, pairs=None):
   for t in sorted({r["length"] for r in rows}):
     at = {r["impl"]: r for r in rows if r["length"] == t and "fwd_ms" in r}
     if pairs is None:
-      ours = [r for name, r in at.items() if name.startswith("ours")]
       peers = [r for name, r in at.items() if not name.startswith("ours")]
-      if ours and peers:
-        out.append({"length": t, "ours": ours[0]["impl"], "peer": "best peer",
-                    "fwd_ratio": min(p["fwd_ms"] for p in peers) / ours[0]["fwd_ms"],
-                    "fwd_bwd_ratio": min(p["fwd_bwd_ms"] for p in peers) / ours[0]["fwd_bwd_ms"]})
+      for mine in (r for name, r in at.items() if name.startswith("ours") and peers):
+        out.append({"length": t, "ours": mine["impl"], "peer": "best peer",
+                    "fwd_ratio": min(p["fwd_ms"] for p in peers) / mine["fwd_ms"],
+                    "fwd_bwd_ratio": min(p["fwd_bwd_ms"] for p in peers) / mine["fwd_bwd_ms"]})
       continue
     for ours, peer in pairs:
       if ours in at and peer in at:

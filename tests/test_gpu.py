@@ -28,12 +28,15 @@ def test_softmax_impls_match_the_fp32_reference_on_gpu(impl):
   np.testing.assert_allclose(got.astype(jnp.float32), want, atol=3e-2)
 
 
-@pytest.mark.parametrize("causal,d,schedule", [
-    (True, 64, "ws"), (True, 128, "ws"), (False, 128, "ws"), (True, 256, "ws"),
-    (True, 128, "one_warpgroup"), (False, 64, "one_warpgroup")])
-def test_mosaic_gpu_kernel_gradients_match_the_fp32_reference(causal, d, schedule):
+@pytest.mark.parametrize("causal,d,schedule,backward", [
+    (True, 64, "ws", "split"), (True, 128, "ws", "split"), (False, 128, "ws", "split"),
+    (True, 256, "ws", "split"), (True, 128, "one_warpgroup", "split"),
+    (False, 64, "one_warpgroup", "split"), (True, 128, "ws", "fused"),
+    (False, 64, "ws", "fused"), (True, 128, "one_warpgroup", "fused")])
+def test_mosaic_gpu_kernel_gradients_match_the_fp32_reference(causal, d, schedule, backward):
   """The Mosaic GPU kernels on the device (register wgmma operands, the path the CPU tests can
-  only lower), both schedules: the three gradients, bf16 tolerance."""
+  only lower; the fused backward's TMA reduce-add, which interpret mode replaces), both
+  schedules, both backwards: the three gradients, bf16 tolerance."""
   from pallas_kernels.blockwise.pallas_gpu import flash_attention_gpu
   q, k, v = _qkv(t=700, d=d)
   seg = jnp.asarray(np.repeat([[1] * 400 + [2] * 300], 2, axis=0), jnp.int32)
@@ -45,7 +48,7 @@ def test_mosaic_gpu_kernel_gradients_match_the_fp32_reference(causal, d, schedul
     return jax.jit(jax.grad(f, argnums=(0, 1, 2)))
 
   ours = lambda q, k, v: flash_attention_gpu(q, k, v, causal=causal, segment_ids=seg,
-                                             schedule=schedule)
+                                             schedule=schedule, backward=backward)
   f32 = lambda x: x.astype(jnp.float32)
   xla = lambda q, k, v: blockwise_attention(f32(q), f32(k), f32(v), causal=causal,
                                             segment_ids=seg, impl="xla")

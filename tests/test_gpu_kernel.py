@@ -4,6 +4,8 @@ write is NaN), and lowering for CUDA with jax.export, which runs the whole Palla
 lowering (layouts, wgmma shapes, TMA) without a GPU. Interpret mode takes wgmma operands from
 shared memory only, so there register operands are staged through it (stage_in_smem); the
 export tests lower the register path that a GPU runs."""
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -34,28 +36,34 @@ def inputs(seed, b, t, hq, hkv, d, segments, dtype=jnp.bfloat16):
   return mk(b, t, hq, d), mk(b, t, hkv, d), mk(b, t, hkv, d), seg, cot
 
 
-def check_against_reference(q, k, v, seg, cot, *, causal, pattern=None, schedule="ws"):
-  """Asserts out, dq, dk, dv of the kernels (flash_attention_gpu with the forward schedule
-  given, or sparse_flash_gpu for a pattern) equal the fp32 reference's on the same
+def check_against_reference(q, k, v, seg, cot, *, causal, pattern=None, schedule="ws",
+                            backward="split", window=None):
+  """Asserts out, dq, dk, dv of the kernels (flash_attention_gpu with the schedule, backward
+  and window given, or sparse_flash_gpu for a pattern) equal the fp32 reference's on the same
   (bf16-rounded) values."""
+  if window is not None:
+    assert pattern is None
+    flash_window, pattern_of_reference = window, SlidingWindow(window)
+  else:
+    flash_window, pattern_of_reference = None, pattern
   interp = plgpu.InterpretGPUParams(uninitialized_memory="nan")
   f32 = lambda x: x.astype(jnp.float32)
 
   def kernel(q, k, v):
     if pattern is None:
       out = flash_attention_gpu(q, k, v, causal=causal, segment_ids=seg, interpret=interp,
-                                schedule=schedule)
+                                schedule=schedule, backward=backward, window=flash_window)
     else:
       out = sparse_flash_gpu(q, k, v, pattern=pattern, causal=causal, segment_ids=seg,
                              interpret=interp)
     return jnp.sum(f32(out) * cot), out
 
   def reference(q, k, v):
-    if pattern is None:
+    if pattern_of_reference is None:
       out = dense_attention(f32(q), f32(k), f32(v), causal=causal, segment_ids=seg)
     else:
-      out = sparse_reference(f32(q), f32(k), f32(v), pattern=pattern, causal=causal,
-                             segment_ids=seg)
+      out = sparse_reference(f32(q), f32(k), f32(v), pattern=pattern_of_reference,
+                             causal=causal, segment_ids=seg)
     return jnp.sum(out * cot), out
 
   (_, o1), g1 = jax.value_and_grad(kernel, argnums=(0, 1, 2), has_aux=True)(q, k, v)
@@ -172,24 +180,42 @@ def test_moba_lowers_for_cuda_forward_and_backward():
   assert text.count("mosaic_gpu") >= 6, "the own-block and routed forward, dq and dk/dv kernels"
 
 
-@pytest.mark.parametrize("d,causal,ratio,window,schedule,segments", [
-    (64, True, 1, None, "ws", True), (128, True, 4, None, "ws", True),
-    (128, False, 2, None, "ws", True), (256, True, 2, None, "ws", True),
-    (128, True, 2, 300, "ws", True), (128, True, 2, None, "one_warpgroup", True),
-    (128, True, 1, None, "ws", False)])
-def test_lowers_for_cuda_forward_and_backward(d, causal, ratio, window, schedule, segments):
-  """The path a GPU runs (register operands, no staging) lowers through Mosaic GPU, within
-  Hopper's shared memory."""
+@pytest.mark.parametrize("d,causal,ratio,window,schedule,segments,backward", [
+    (64, True, 1, None, "ws", True, "split"), (128, True, 4, None, "ws", True, "split"),
+    (128, False, 2, None, "ws", True, "split"), (256, True, 2, None, "ws", True, "split"),
+    (128, True, 2, 300, "ws", True, "split"), (128, True, 2, None, "one_warpgroup", True, "split"),
+    (128, True, 1, None, "ws", False, "split"),
+    (128, True, 4, None, "ws", True, "fused"), (64, False, 1, None, "ws", False, "fused"),
+    (128, True, 2, 300, "ws", True, "fused"), (128, True, 2, None, "one_warpgroup", True, "fused"),
+    (256, True, 2, None, "ws", True, "fused")])
+def test_lowers_for_cuda_forward_and_backward(d, causal, ratio, window, schedule, segments,
+                                              backward):
+  """The path a GPU runs (register operands, no staging; the fused backward's TMA reduce-add)
+  lowers through Mosaic GPU, within Hopper's shared memory: the forward, dq and dk/dv kernels,
+  or with backward="fused" the forward and one backward kernel (head dim 256 falls back to the
+  split backward)."""
   q, k, v, seg, _ = inputs(0, 2, 1000, 2 * ratio, 2, d, segments)
 
   def loss(q, k, v):
     return jnp.sum(flash_attention_gpu(q, k, v, causal=causal, segment_ids=seg, window=window,
-                                       schedule=schedule).astype(jnp.float32))
+                                       schedule=schedule, backward=backward).astype(jnp.float32))
 
   exported = export.export(jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))),
                            platforms=("cuda",))(q, k, v)
-  text = exported.mlir_module()
-  assert text.count("mosaic_gpu") >= 3, "expected the forward, dq and dk/dv Mosaic GPU kernels"
+  kernels = re.findall(r"stablehlo.custom_call @mosaic_gpu", exported.mlir_module())
+  assert len(kernels) == (2 if backward == "fused" and d <= 128 else 3)
+
+
+@pytest.mark.parametrize("schedule,t,causal,ratio,segments,window", [
+    ("ws", 150, True, 2, True, None), ("ws", 200, False, 1, False, None),
+    ("one_warpgroup", 190, True, 4, True, None), ("ws", 230, True, 2, False, 70)])
+def test_fused_backward_matches_reference(schedule, t, causal, ratio, segments, window):
+  """backward="fused" (dq added from the dk/dv kernel into fp32 memory): forward and the three
+  gradients against the reference, GQA 1/2/4, ragged T, segments, a sliding window. Interpret
+  mode replaces the TMA reduce-add by load + add + store (its CTAs run one at a time)."""
+  q, k, v, seg, cot = inputs(5, 1, t, 2 * ratio, 2, 64, segments)
+  check_against_reference(q, k, v, seg, cot, causal=causal, schedule=schedule,
+                          backward="fused", window=window)
 
 
 def test_fp32_inputs_come_back_fp32():
@@ -204,6 +230,7 @@ def test_fp32_inputs_come_back_fp32():
     (dict(block_q=96), "multiples of 64"),
     (dict(alibi=True), "alibi_slopes"),
     (dict(schedule="fa4"), "schedule='fa4' is not one of ws, one_warpgroup"),
+    (dict(backward="atomic"), "backward='atomic' is not one of split, fused"),
 ])
 def test_bad_inputs_get_one_line_errors(kwargs, match):
   d = kwargs.get("d", 64)
@@ -211,7 +238,8 @@ def test_bad_inputs_get_one_line_errors(kwargs, match):
   extra = {"alibi_slopes": jnp.ones((2,))} if kwargs.get("alibi") else {}
   with pytest.raises(ValueError, match=match):
     flash_attention_gpu(q, q, q, block_q=kwargs.get("block_q", 64),
-                        schedule=kwargs.get("schedule", "ws"), **extra)
+                        schedule=kwargs.get("schedule", "ws"),
+                        backward=kwargs.get("backward", "split"), **extra)
 
 
 def test_api_interpret_gpu_and_auto_keeps_cudnn_on_gpu(monkeypatch):

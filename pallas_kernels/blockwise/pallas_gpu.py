@@ -22,7 +22,9 @@ key tiles up to the diagonal; a dk/dv kernel per (key tile, head) walks the quer
 from the diagonal on, computing the transposed tiles (keys as rows) so that both products
 accumulate on the tensor cores; for GQA one CTA walks every query head of its key/value head,
 so dk, dv are summed over the group in registers (with the per-head tables of MoBA and block
-masks they are per query head and summed after).
+masks they are per query head and summed after). backward="fused" (FlashAttention-3's) drops the
+dq kernel: the dk/dv kernel also adds each tile's dq share into fp32 memory by TMA reduce-add,
+5 matmuls per tile instead of 7 (the default stays "split" until a GPU has timed both).
 
 Layout: [B, T, H, D] as the API takes it (TMA reads the strided head slices); T is padded to the
 tile.
@@ -47,6 +49,7 @@ MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 LOG2E = math.log2(math.e)
 DTYPES = (jnp.bfloat16, jnp.float16)
 SCHEDULES = ("ws", "one_warpgroup")
+BACKWARDS = ("split", "fused")
 
 
 def _smem_transforms(dtype):
@@ -282,6 +285,14 @@ def _matmul(lhs, rhs_smem, shape, staging, dtype):
   return pl.run_scoped(run, plgpu.ACC(shape, jnp.float32))
 
 
+def _smem_operand_product(a_smem, b_smem, shape):
+  """a [M, K] @ b [K, N], both shared-memory operands (either may be a .T view): fp32 [M, N]."""
+  def run(acc_ref):
+    plgpu.wgmma(acc_ref, a_smem, b_smem)
+    return acc_ref[...]
+  return pl.run_scoped(run, plgpu.ACC(shape, jnp.float32))
+
+
 def _smem_product(a_smem, b_smem_t, shape):
   """a [M, K] @ b^T for two shared-memory tiles (b given as [N, K]): fp32 [M, N]."""
   def run(acc_ref):
@@ -354,15 +365,24 @@ def _dq(q, k, v, do, lse, delta, q_seg, k_seg, ranges=None, *, causal, window, s
 
 
 def _dkv(q, k, v, do, lse, delta, q_seg, k_seg, ranges=None, *, causal, window, scale, s_len, bq,
-         bk, stages, interpret, stage_in_smem, segments, lists=False, ws=False):
-  """(dk, dv) in the input dtype, written through the k and v tiles' shared memory once done.
+         bk, stages, interpret, stage_in_smem, segments, lists=False, ws=False, fused_dq=False):
+  """(dk, dv) in the input dtype, written through the k and v tiles' shared memory once done;
+  with fused_dq also dq [B, Tp, Hq, D] fp32 (see below).
   A CTA per (keys, head, batch) walks the query tiles that see those keys (bk keys, or
   WS_WARPGROUPS x bk with ws, one compute warpgroup per bk), on transposed tiles (keys as rows)
   so that both products accumulate on the tensor cores. Without tables the query tiles are the
   same for every query head of a group, so the CTA is per key/value head and walks them for
   each of its query heads in one pipeline: dk, dv [B, S, Hkv, D], summed over the group in
   registers. With tables (per query head) they are per query head, [B, S, Hq, D], and the
-  caller sums each group."""
+  caller sums each group.
+
+  fused_dq (FlashAttention-3's backward; not with tables): the CTA also computes each visited
+  tile's dq share dS^T K (dS staged in shared memory as the transposed operand) and adds it
+  into an fp32 dq in memory by a TMA reduce-add, so no separate dq kernel recomputes Q K^T and
+  dO V^T (5 matmuls per tile instead of 7). Returned unscaled (times `scale` by the caller).
+  Interpret mode has no TMA reduction: there each compute warpgroup adds into its own copy of
+  dq by load + store (interpreted CTAs run one at a time, so that is race-free) and the copies
+  are summed."""
   b, tp, hq, d = q.shape
   sp, hkv = k.shape[1], k.shape[2]
   group = hq // hkv
@@ -374,8 +394,16 @@ def _dkv(q, k, v, do, lse, delta, q_seg, k_seg, ranges=None, *, causal, window, 
   wg = plgpu.Layout.WGMMA
   transforms = _smem_transforms(dtype)
 
+  dq_copies = n_wg if interpret else 1  # dq buffers (see fused_dq above)
+
   def kernel(q_gmem, k_gmem, v_gmem, do_gmem, lse_gmem, delta_gmem, qseg_gmem, kseg_gmem, *rest):
-    ranges_gmem, (dk_gmem, dv_gmem, k_smem, v_smem, barrier, *stage_smem) = _split(rest, ranges)
+    ranges_gmem, rest = _split(rest, ranges)
+    dq_acc = None
+    if fused_dq:
+      dq_acc, *rest = rest
+    dk_gmem, dv_gmem, k_smem, v_smem, barrier, *rest = rest
+    ds_smem, dq_smem = rest[:2] if fused_dq else (None, None)
+    stage_smem = rest[2:] if fused_dq else rest
     ki, hh, bi = (jax.lax.axis_index(n) for n in ("k", "h", "b"))  # hh: the output's head
     kvh = hh if ranges is None else hh // group
     first_head = kvh * group if ranges is None else hh
@@ -417,7 +445,22 @@ def _dkv(q, k, v, do, lse, delta, q_seg, k_seg, ranges=None, *, causal, window, 
       ds_t = p_t * (dp_t - cols(delta_gmem))
       staging = stage_smem[0].at[w] if stage_smem else None
       dv = dv + _matmul(p_t, do_smem, (bk, d), staging, dtype)
-      dk = dk + _matmul(ds_t, q_smem, (bk, d), staging, dtype)
+      if not fused_dq:
+        return dk + _matmul(ds_t, q_smem, (bk, d), staging, dtype), dv
+      # dS goes to shared memory once: the lhs of dk += dS^T... as is, and of dq's share
+      # dS^T K transposed (wgmma reads a transposed 16-bit lhs from shared memory).
+      ds_smem.at[w][...] = ds_t.astype(dtype)
+      plgpu.commit_smem()
+      dk = dk + _smem_operand_product(ds_smem.at[w], q_smem, (bk, d))
+      dq_share = _smem_operand_product(ds_smem.at[w].T, k_smem.at[w], (bq, d))
+      rows = dq_acc.at[w if interpret else 0, bi, pl.ds(qi * bq, bq), h]
+      if interpret:  # load + store (see fused_dq above)
+        rows[...] = rows[...] + dq_share
+      else:
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last share has left dq_smem
+        dq_smem.at[w][...] = dq_share
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(dq_smem.at[w], rows, reduction_op="add")
       return dk, dv
 
     def finish(w, carry):
@@ -437,14 +480,24 @@ def _dkv(q, k, v, do, lse, delta, q_seg, k_seg, ranges=None, *, causal, window, 
 
   tile = plgpu.SMEM((n_wg, bk, d), dtype, transforms=transforms)
   scratch = (tile, tile, plgpu.Barrier(num_barriers=n_wg))
+  extra = ()
+  if fused_dq:
+    if ranges is not None:
+      raise ValueError("fused_dq takes the causal / window formula, not block tables")
+    scratch += (plgpu.SMEM((n_wg, bk, bq), dtype, transforms=transforms),
+                plgpu.SMEM((n_wg, bq, d), jnp.float32, transforms=_smem_transforms(jnp.float32)))
+    extra = (jax.new_ref(jnp.zeros((dq_copies, b, tp, hq, d), jnp.float32)),)
   if stage_in_smem:
     scratch += (plgpu.SMEM((n_wg, bk, bq), dtype, transforms=transforms),)
   out_heads = hkv if ranges is None else hq
   out = jax.ShapeDtypeStruct((b, sp, out_heads, d), dtype)
-  return _launch(kernel, out_type=(out, out), grid=(sp // cta_keys, out_heads, b),
-                 grid_names=("k", "h", "b"), scratch=scratch, ws=ws,
-                 interpret=interpret)(q, k, v, do, lse, delta, q_seg, k_seg,
-                                      *(() if ranges is None else (ranges,)))
+  dk, dv = _launch(kernel, out_type=(out, out), grid=(sp // cta_keys, out_heads, b),
+                   grid_names=("k", "h", "b"), scratch=scratch, ws=ws,
+                   interpret=interpret)(q, k, v, do, lse, delta, q_seg, k_seg,
+                                        *(() if ranges is None else (ranges,)), *extra)
+  if not fused_dq:
+    return dk, dv
+  return dk, dv, extra[0][...].sum(axis=0)
 
 
 class _Config(StaticConfig):
@@ -479,6 +532,12 @@ def _warp_specialised(tables, kw) -> bool:
   """Whether the kernels run warp-specialised (the causal / full / window formula only: the
   tables of MoBA and block masks are per 64-row tile)."""
   return tables is None and kw["schedule"] == "ws"  # (table callers set no schedule)
+
+
+def _fused_backward(tables, kw, d) -> bool:
+  """Whether dq comes from the dk/dv kernel (backward="fused"): the formula path only, and
+  head dims up to 128 (the dq share's fp32 tile and dS outgrow shared memory above)."""
+  return tables is None and kw["backward"] == "fused" and d <= 128
 
 
 def _has_segments(tables, kw) -> bool:
@@ -533,8 +592,12 @@ def _flash_gpu_bwd(cfg, res, cotangents):
                 ws=_warp_specialised(tables, kw) and d <= 128)
   args = (qp, kp, vp, do_p, lse, delta, q_seg, k_seg)
   kv_table, q_table, lists = _tables(tables)
-  dq = _dq(*args, kv_table, lists=lists, **common)
-  dk, dv = _dkv(*args, q_table, lists=lists, **common)
+  if _fused_backward(tables, kw, d):
+    dk, dv, dq = _dkv(*args, fused_dq=True, **common)
+    dq = (dq * kw["scale"]).astype(qp.dtype)
+  else:
+    dq = _dq(*args, kv_table, lists=lists, **common)
+    dk, dv = _dkv(*args, q_table, lists=lists, **common)
   fold = lambda x: (x if x.shape[2] == hkv else x.astype(jnp.float32).reshape(
       b, -1, hkv, hq // hkv, d).sum(axis=3).astype(kp.dtype))[:, :s]
   no_grad = None if tables is None else jax.tree.map(lambda _: None, tables)
@@ -558,7 +621,7 @@ def _check(q, k, v, block_q, block_k):
 
 def flash_attention_gpu(q, k, v, *, causal=True, segment_ids=None, sm_scale=None,
                         alibi_slopes=None, block_q=64, block_k=64, stages=2, interpret=None,
-                        stage_in_smem=None, window=None, schedule="ws"):
+                        stage_in_smem=None, window=None, schedule="ws", backward="split"):
   """Softmax attention on the Mosaic GPU kernels, forward and backward (custom_vjp).
   q [B, T, Hq, D], k/v [B, S, Hkv, D] in bf16/fp16 (fp32 inputs run with bf16 tensor-core
   operands and fp32 accumulation, and come back as fp32), D in 64..256 (a multiple of 64).
@@ -568,6 +631,9 @@ def flash_attention_gpu(q, k, v, *, causal=True, segment_ids=None, sm_scale=None
   backward and in the "one_warpgroup" forward; the "ws" forward gives each warpgroup 64 query
   rows and streams key tiles of 128 (64 above head dim 128); above head dim 128 the backward
   runs "one_warpgroup" (two warpgroups' tiles would outgrow shared memory).
+  backward: "split" (FlashAttention-2's: a dq kernel and a dk/dv kernel) or "fused"
+  (FlashAttention-3's: the dk/dv kernel also adds each tile's dq share into fp32 memory by TMA
+  reduce-add; 5 matmuls per tile instead of 7; head dims up to 128, "split" above).
   interpret=plgpu.InterpretGPUParams() runs it on the CPU; stage_in_smem (default: only when
   interpreting) feeds register operands of wgmma through shared memory."""
   if alibi_slopes is not None:
@@ -575,12 +641,14 @@ def flash_attention_gpu(q, k, v, *, causal=True, segment_ids=None, sm_scale=None
                      "(use impl='reference' or 'xla')")
   if schedule not in SCHEDULES:
     raise ValueError(f"schedule={schedule!r} is not one of {', '.join(SCHEDULES)}")
+  if backward not in BACKWARDS:
+    raise ValueError(f"backward={backward!r} is not one of {', '.join(BACKWARDS)}")
   if q.dtype == jnp.float32 and k.dtype == v.dtype == jnp.float32:
     out = flash_attention_gpu(q.astype(jnp.bfloat16), k.astype(jnp.bfloat16),
                               v.astype(jnp.bfloat16), causal=causal, segment_ids=segment_ids,
                               sm_scale=sm_scale, block_q=block_q, block_k=block_k, stages=stages,
                               interpret=interpret, stage_in_smem=stage_in_smem, window=window,
-                              schedule=schedule)
+                              schedule=schedule, backward=backward)
     return out.astype(jnp.float32)
   d = q.shape[-1]
   _check(q, k, v, block_q, block_k)
@@ -590,6 +658,6 @@ def flash_attention_gpu(q, k, v, *, causal=True, segment_ids=None, sm_scale=None
   cfg = _Config(causal=causal, window=window, scale=scale,
                 s_len=k.shape[1], bq=block_q, bk=block_k, stages=stages, interpret=interpret,
                 stage_in_smem=bool(interpret) if stage_in_smem is None else stage_in_smem,
-                schedule=schedule, bk_ws=128 if d <= 128 else 64,
+                schedule=schedule, backward=backward, bk_ws=128 if d <= 128 else 64,
                 segments=segment_ids is not None)
   return _flash_gpu(q, k, v, segment_ids, None, cfg)[0]
