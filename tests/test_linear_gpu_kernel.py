@@ -70,9 +70,10 @@ def test_head_dim_128():
 
 @pytest.mark.parametrize("decay_kind,segments", [("none", False), ("gates", True)])
 def test_scan_segments_join_to_the_sequential_scan(monkeypatch, decay_kind, segments):
-  """The state scans restart every SCAN_SEGMENT_CHUNKS chunks and are joined in jnp; with 2
-  chunks per segment (4 segments, the last ragged; no decay, so every segment's carry reaches
-  the end; or gates with document resets) forward and every gradient match the reference."""
+  """The state scans restart every SCAN_SEGMENT_CHUNKS chunks, the carries entering each
+  segment are joined in jnp and the consuming kernels add them; with 2 chunks per segment (4
+  segments, the last ragged; no decay, so every segment's carry reaches the end; or gates with
+  document resets) forward and every gradient match the reference."""
   from pallas_kernels.linear import pallas_gpu
   monkeypatch.setattr(pallas_gpu, "SCAN_SEGMENT_CHUNKS", 2)
   q, k, v, decay, seg, cot = inputs(11, 1, 64 * 6 + 17, 2, 1, 64, decay_kind=decay_kind,
@@ -90,8 +91,12 @@ def test_chunk_128_head_dim_128_gqa():
                                                      (128, True, 1, 64), (128, True, 2, 128)])
 def test_lowers_for_cuda_forward_and_backward(d, normalize, ratio, chunk):
   """At head dim 128 and chunk 128 this is also the shared-memory budget check (Hopper's 227
-  KiB per block), which the lowering enforces."""
-  q, k, v, decay, seg, _ = inputs(0, 2, 1000, 2 * ratio, 2, d, decay_kind="gates", segments=True)
+  KiB per block), which the lowering enforces. T = 4200 spans more than one scan segment at
+  either chunk, so the consumers' carry tiles and products are in it."""
+  from pallas_kernels.linear.pallas_gpu import SCAN_SEGMENT_CHUNKS
+  t = 4200
+  assert t > SCAN_SEGMENT_CHUNKS * chunk
+  q, k, v, decay, seg, _ = inputs(0, 2, t, 2 * ratio, 2, d, decay_kind="gates", segments=True)
   q, k, v = (x.astype(jnp.bfloat16) for x in (q, k, v))
 
   def loss(q, k, v, g):

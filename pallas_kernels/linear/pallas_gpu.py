@@ -4,13 +4,15 @@ Chunk-parallel, as GPUs need (a sequential scan per (batch, head) would fill 16 
   1. states: per (batch, head, value slice of 64, scan segment of 32 chunks) a pipeline over
      the segment's chunks writes the state S_c [D, 64] before each chunk and updates
      S <- decay_c S + K_c^T (ks * V_c) on wgmma (K^T straight from shared memory; ks scales the
-     value rows); the segments, scanned at once from zero, are joined in jnp by their carries,
-     so neither the scan's latency nor the parallelism grows with T;
+     value rows); the segments, scanned at once from zero, so neither the scan's latency nor
+     the parallelism grows with T, are joined by the carry entering each (a jnp scan over the
+     per-segment finals only), which the consumers add in-kernel: S_c = local_c + beta_c C_g;
   2. outputs: per (batch, head, chunk), in parallel, num = (QK^T * W) V + qs * (Q S_c) and the
      intra-chunk row sums of QK^T * W (for normalisation), all on wgmma.
 Backward (custom_vjp; the states are recomputed, nothing per chunk is kept from the forward):
-  3. state gradients: per (batch, head, value slice) a pipeline over the chunks in reverse
-     writes dH_c (the gradient of the state after chunk c), dH <- decay_c dH + Q_c^T (qs * dN_c);
+  3. state gradients: per (batch, head, value slice, scan segment) a pipeline over the chunks
+     in reverse writes dH_c (the gradient of the state after chunk c),
+     dH <- decay_c dH + Q_c^T (qs * dN_c), segments joined as in 1;
   4. per chunk, in parallel: dq = P K + qs * (dN S_c^T), and in a second kernel
      dk = P^T Q + ks * (V dH_c^T), dv = A^T dN + ks * (K dH_c), with A = (QK^T) * W and
      P = (dN V^T + dR) * W (dR: the cotangent of the row sums); the gate gradient is
@@ -146,17 +148,22 @@ def _decayed_sums_local(x, y, scale, decay, *, chunk, reverse, per, interpret):
 
 def _decayed_sums(x, y, scale, decay, *, chunk, reverse, interpret):
   """For each chunk c (in time order, or in reverse), the value H had before c was folded in,
-  with H <- decay_c H + X_c^T (scale_c * Y_c) and H = 0 at the start: [B, Hq, n * D, Dv] in the
-  input dtype (accumulated in fp32). Forward: X = phi(K), Y = V, scale = ks gives the states
-  S_c; reverse: X = phi(Q), Y = dN, scale = qs gives dH_c, the gradient of the state after
-  chunk c. x, y may have fewer (key/value) heads than scale [B, Hq, Tp]; decay is
-  [B, Hq, n, D] (one value per chunk, broadcast over D).
+  with H <- decay_c H + X_c^T (scale_c * Y_c) and H = 0 at the start. Forward: X = phi(K),
+  Y = V, scale = ks gives the states S_c; reverse: X = phi(Q), Y = dN, scale = qs gives dH_c,
+  the gradient of the state after chunk c. x, y may have fewer (key/value) heads than scale
+  [B, Hq, Tp]; decay is [B, Hq, n, D] (one value per chunk, broadcast over D).
 
   A scan is sequential, so its time is steps x the latency of one; to keep that (and the
   parallelism) independent of T, the kernel restarts it every SCAN_SEGMENT_CHUNKS (`per`)
-  chunks, all segments at once, and the segments are joined here: with C_g the value entering
-  segment g (C_0 = 0, C_{g+1} = (prod of g's decays) C_g + final_g), the value before chunk p
-  is local_p + (prod of the decays from g's start to p) C_g."""
+  chunks, all segments at once. Returns (local, carry): local [B, Hq, n * D, Dv] in the input
+  dtype (fp32 accumulation), the value before chunk c within its segment; carry None when one
+  segment holds every chunk, else (entering [B, Hq, n_seg * D, Dv] in the input dtype, the value
+  entering each segment: C_0 = 0, C_{g+1} = (prod of g's decays) C_g + final_g, joined here
+  over the small per-segment finals; beta [B, Hq, n] fp32, the product of the decays from the
+  start of c's segment to c). The value before chunk c is local_c + beta_c C_{seg(c)} (see
+  _segment_of); the consuming kernels add the second term themselves (one more small matmul
+  against a tile their segment shares), so the per-chunk values are written once and never
+  rewritten."""
   b, tp, _, d = x.shape
   hq, dv = scale.shape[1], y.shape[-1]
   n = tp // chunk
@@ -165,7 +172,7 @@ def _decayed_sums(x, y, scale, decay, *, chunk, reverse, interpret):
                                       per=per, interpret=interpret)
   n_seg = cdiv(n, per)
   if n_seg == 1:
-    return local
+    return local, None
   order = (lambda a: jnp.flip(a, axis=2)) if reverse else (lambda a: a)  # processing order
   dec = jnp.pad(order(decay[..., 0]), ((0, 0), (0, 0), (0, n_seg * per - n)),
                 constant_values=1.0).reshape(b, hq, n_seg, per)
@@ -180,37 +187,64 @@ def _decayed_sums(x, y, scale, decay, *, chunk, reverse, interpret):
   _, entering = jax.lax.scan(join, jnp.zeros((b, hq, d, dv), jnp.float32),
                              (jnp.moveaxis(jnp.prod(dec, axis=-1), 2, 0),
                               jnp.moveaxis(finals, 2, 0)))  # entering [n_seg, B, Hq, D, Dv]
-  carry_p = (before[..., None, None] * jnp.moveaxis(entering, 0, 2)[:, :, :, None])
-  carry_p = carry_p.reshape(b, hq, n_seg * per, d, dv)[:, :, :n]
-  states = order(local.reshape(b, hq, n, d, dv)).astype(jnp.float32) + carry_p
-  return order(states).astype(local.dtype).reshape(b, hq, n * d, dv)
+  entering = jnp.moveaxis(entering, 0, 2).reshape(b, hq, n_seg * d, dv).astype(local.dtype)
+  beta = order(before.reshape(b, hq, n_seg * per)[:, :, :n])  # back to time order
+  return local, (entering, beta)
 
 
-def _outputs(fq, fk, v, states, bcum, qs, seg, *, chunk, interpret, num_dtype, stage=None):
+def _segment_of(c, n, reverse):
+  """The scan segment holding chunk c (see _decayed_sums)."""
+  return (n - 1 - c) // SCAN_SEGMENT_CHUNKS if reverse else c // SCAN_SEGMENT_CHUNKS
+
+
+def _carry_scale(scale, carry, chunk):
+  """Per token [B, Hq, Tp]: scale times beta of the token's chunk (the carry term's row
+  factor), or None without carries."""
+  if carry is None:
+    return None
+  return scale * jnp.repeat(carry[1], chunk, axis=-1)
+
+
+def _outputs(fq, fk, v, states, bcum, qs, seg, carry, *, chunk, interpret, num_dtype,
+             stage=None):
   """num [B, Tp, Hq, Dv] in num_dtype (fp32 when a normalisation follows, else the output's
-  dtype: no fp32 round trip) and the intra-chunk row sums of QK^T * W [B, Hq, Tp]. Each CTA
-  pipelines a few consecutive chunks (their tiles and states stream in while it computes)."""
+  dtype: no fp32 round trip) and the intra-chunk row sums of QK^T * W [B, Hq, Tp]. states and
+  carry as _decayed_sums returns them. Each CTA pipelines a few consecutive chunks of one scan
+  segment (their tiles and states stream in while it computes; the segment's carry tile is
+  loaded once)."""
   b, tp, hq, d = fq.shape
   dv = v.shape[-1]
   n = tp // chunk
-  per_cta = next(m for m in (4, 2, 1) if n % m == 0)
+  per_cta = next(m for m in (4, 2, 1) if n % m == 0 and SCAN_SEGMENT_CHUNKS % m == 0)
   group = hq // fk.shape[2]
   wg = plgpu.Layout.WGMMA
   dtype = fq.dtype
   tr = _transforms(dtype)
   stage = bool(interpret) if stage is None else stage  # interpret mode: wgmma reads SMEM only
   shape = (chunk, chunk)
-  # Double-buffer the tiles when they fit (chunk 128 with head dim 128 does not).
+  # Double-buffer the tiles when they fit (chunk 128 with head dim 128 does not); the slack
+  # covers Mosaic GPU's reduction scratch (2 KiB), barriers and 1 KiB alignment.
   item = jnp.dtype(dtype).itemsize
   per_step = chunk * (2 * d + dv) * item + d * dv * item
-  fixed = (chunk * dv * jnp.dtype(num_dtype).itemsize + chunk * 4
-           + (chunk * chunk * item if stage else 0))
+  fixed = (chunk * chunk * item if stage else 0) + (d * dv * item if carry else 0) + 4096
   steps_in_flight = 2 if 2 * per_step + fixed <= SMEM_BYTES else 1
+  carry_in = () if carry is None else (carry[0], _carry_scale(qs, carry, chunk))
 
   def kernel(q_gmem, k_gmem, v_gmem, s_gmem, b_gmem, b2_gmem, qs_gmem, seg_gmem, seg2_gmem,
-             num_gmem, rows_gmem, num_smem, rows_smem, a_smem=None):
+             *rest):
+    c_gmem = qsb_gmem = c_smem = None
+    if carry:
+      c_gmem, qsb_gmem, *rest = rest
+    num_gmem, rows_gmem, *rest = rest
+    if carry:
+      c_smem, barrier, *rest = rest
+    a_smem = rest[0] if stage else None
     o, h, bi = (jax.lax.axis_index(x) for x in ("o", "h", "b"))
     kvh = h // group
+    if carry:  # every chunk of this CTA is in one scan segment
+      plgpu.copy_gmem_to_smem(
+          c_gmem.at[bi, h, pl.ds(_segment_of(o * per_cta, n, False) * d, d)], c_smem, barrier)
+      plgpu.barrier_wait(barrier)
 
     def body(idx, q_smem, k_smem, v_smem, s_smem):
       t0 = (o * per_cta + idx[0]) * chunk
@@ -219,15 +253,15 @@ def _outputs(fq, fk, v, states, bcum, qs, seg, *, chunk, interpret, num_dtype, s
       a = _product(q_smem, k_smem.T, shape) * w
       a_lhs = _stage(a, a_smem) if stage else a.astype(dtype)
       intra = _product(a_lhs, v_smem, (chunk, dv))
-      inter = _product(q_smem, s_smem, (chunk, dv))
-      qs_rows = _row_vector(qs_gmem.at[bi, h], t0, chunk, wg.reduce(1))
-      plgpu.wait_smem_to_gmem(0)  # the previous chunk's outputs have left (see _decayed_sums)
-      num_smem[...] = (intra + jax.lax.broadcast_in_dim(qs_rows, (chunk, dv), [0]) * inter
-                       ).astype(num_dtype)
-      rows_smem[...] = a.sum(axis=1)
-      plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(num_smem, num_gmem.at[bi, pl.ds(t0, chunk), h])
-      plgpu.copy_smem_to_gmem(rows_smem, rows_gmem.at[bi, h, pl.ds(t0, chunk)])
+      rows = lambda ref: jax.lax.broadcast_in_dim(_row_vector(ref, t0, chunk, wg.reduce(1)),
+                                                  (chunk, dv), [0])
+      num = intra + rows(qs_gmem.at[bi, h]) * _product(q_smem, s_smem, (chunk, dv))
+      if carry:
+        num = num + rows(qsb_gmem.at[bi, h]) * _product(q_smem, c_smem, (chunk, dv))
+      # Straight from registers to memory (as the backward's results): no staging buffer, so
+      # the tiles stay double-buffered with the carry tile at chunk 64 and head dim 128.
+      num_gmem.at[bi, pl.ds(t0, chunk), h][...] = num.astype(num_dtype)
+      rows_gmem.at[bi, h, pl.ds(t0, chunk)][...] = a.sum(axis=1)
 
     first = o * per_cta
     tile = lambda width: plgpu.BlockSpec((chunk, width), lambda c: (first + c, 0),
@@ -237,28 +271,30 @@ def _outputs(fq, fk, v, states, bcum, qs, seg, *, chunk, interpret, num_dtype, s
         body, grid=(per_cta,), in_specs=[tile(d), tile(d), tile(dv), state],
         max_concurrent_steps=steps_in_flight)(
             q_gmem.at[bi, :, h], k_gmem.at[bi, :, kvh], v_gmem.at[bi, :, kvh], s_gmem.at[bi, h])
-    plgpu.wait_smem_to_gmem(0)
 
+  scratch = ((plgpu.SMEM((d, dv), dtype, transforms=tr), plgpu.Barrier()) if carry else ())
+  if stage:
+    scratch += (plgpu.SMEM((chunk, chunk), dtype, transforms=tr),)
   return plgpu.kernel(
       kernel,
       out_type=(jax.ShapeDtypeStruct((b, tp, hq, dv), num_dtype),
                 jax.ShapeDtypeStruct((b, hq, tp), jnp.float32)),
-      grid=(n // per_cta, hq, b), grid_names=("o", "h", "b"),
-      scratch_types=(plgpu.SMEM((chunk, dv), num_dtype), plgpu.SMEM((chunk,), jnp.float32))
-      + ((plgpu.SMEM((chunk, chunk), dtype, transforms=tr),) if stage else ()),
-      interpret=interpret or False)(fq, fk, v, states, bcum, bcum, qs, seg, seg)
+      grid=(n // per_cta, hq, b), grid_names=("o", "h", "b"), scratch_types=scratch,
+      interpret=interpret or False)(fq, fk, v, states, bcum, bcum, qs, seg, seg, *carry_in)
 
 
-def _chunk_grads(fq, fk, v, dn, drows, states, dstates, bcum, qs, ks, seg, *, chunk, interpret,
-                 which):
+def _chunk_grads(fq, fk, v, dn, drows, states, dstates, bcum, qs, ks, seg, carry, *, chunk,
+                 interpret, which):
   """Per chunk, in parallel, with P = (dN V^T + dR 1^T) * W and A = (Q K^T) * W:
     which="dq":  dq = P K + qs * (dN S_c^T)                           -> (dq, phi(q).dq)
     which="dkv": dk = P^T Q + ks * (V dH_c^T),  dv = A^T dN + ks * (K dH_c) -> (dk, dv, phi(k).dk)
   dq, dk, dv [B, Tp, Hq, D] in the input dtype (dk, dv per query head; the caller sums each
   group); the row dots [B, Hq, Tp] fp32, taken from the fp32 accumulators, are what the gate
-  gradient needs, so no fp32 gradient ever goes to memory. Shared memory holds only the operand
-  tiles (6 each; A reuses P's buffer once dk is done) and the results go from registers
-  straight to memory, so chunk 128 fits at head dim 128."""
+  gradient needs, so no fp32 gradient ever goes to memory. S_c (dH_c) is the segment-local
+  value plus beta_c times its segment's carry (the carry of the states for dq, of the state
+  gradients for dk/dv; see _decayed_sums), the second term one more matmul. Shared memory holds
+  only the operand tiles (6, and the carry; A reuses P's buffer once dk is done) and the
+  results go from registers straight to memory, so chunk 128 fits at head dim 128."""
   b, tp, hq, d = fq.shape
   dv = v.shape[-1]
   n = tp // chunk
@@ -268,24 +304,46 @@ def _chunk_grads(fq, fk, v, dn, drows, states, dstates, bcum, qs, ks, seg, *, ch
   tr = _transforms(dtype)
   shape = (chunk, chunk)
 
+  reverse = which == "dkv"  # dH comes from the reverse scan
+
   def kernel(q_gmem, k_gmem, v_gmem, dn_gmem, dr_gmem, s_gmem, b_gmem, b2_gmem, qs_gmem, ks_gmem,
              seg_gmem, seg2_gmem, *rest):
+    c_gmem = cs_gmem = c_smem = None
+    if carry:
+      c_gmem, cs_gmem, *rest = rest
     if which == "dq":
-      dq_gmem, dot_gmem, q_smem, k_smem, v_smem, dn_smem, s_smem, p_smem, barrier = rest
+      dq_gmem, dot_gmem, *rest = rest
     else:
-      (dk_gmem, dv_gmem, dot_gmem, q_smem, k_smem, v_smem, dn_smem, s_smem, p_smem,
-       barrier) = rest
+      dk_gmem, dv_gmem, dot_gmem, *rest = rest
+    q_smem, k_smem, v_smem, dn_smem, s_smem, p_smem, barrier, *rest = rest
+    if carry:
+      (c_smem,) = rest
     c, h, bi = (jax.lax.axis_index(x) for x in ("c", "h", "b"))
     kvh = h // group
     t0 = c * chunk
-    for src, dst in ((q_gmem.at[bi, pl.ds(t0, chunk), h], q_smem),
-                     (k_gmem.at[bi, pl.ds(t0, chunk), kvh], k_smem),
-                     (v_gmem.at[bi, pl.ds(t0, chunk), kvh], v_smem),
-                     (dn_gmem.at[bi, pl.ds(t0, chunk), h], dn_smem),
-                     (s_gmem.at[bi, h, pl.ds(c * d, d)], s_smem)):
+    copies = [(q_gmem.at[bi, pl.ds(t0, chunk), h], q_smem),
+              (k_gmem.at[bi, pl.ds(t0, chunk), kvh], k_smem),
+              (v_gmem.at[bi, pl.ds(t0, chunk), kvh], v_smem),
+              (dn_gmem.at[bi, pl.ds(t0, chunk), h], dn_smem),
+              (s_gmem.at[bi, h, pl.ds(c * d, d)], s_smem)]
+    if carry:
+      copies.append((c_gmem.at[bi, h, pl.ds(_segment_of(c, n, reverse) * d, d)], c_smem))
+    for src, dst in copies:
       plgpu.copy_gmem_to_smem(src, dst, barrier)
       plgpu.barrier_wait(barrier)
     vec = lambda ref: _row_vector(ref, t0, chunk, wg.reduce(1))
+    by_rows = lambda ref, width: jax.lax.broadcast_in_dim(vec(ref.at[bi, h]), (chunk, width),
+                                                          [0])
+
+    def state_term(lhs_smem, transpose, width):
+      """scale * (lhs S_c^T) (transpose) or scale * (lhs S_c): the local part, plus the
+      carry's with its beta-scaled rows."""
+      rhs = lambda ref: ref.T if transpose else ref
+      term = by_rows(qs_gmem if which == "dq" else ks_gmem, width) * _product(
+          lhs_smem, rhs(s_smem), (chunk, width))
+      if carry:
+        term = term + by_rows(cs_gmem, width) * _product(lhs_smem, rhs(c_smem), (chunk, width))
+      return term
     w = _intra_weights(b_gmem.at[bi, h], b2_gmem.at[bi, h], seg_gmem.at[bi], seg2_gmem.at[bi],
                        t0, chunk)
     dr = jax.lax.broadcast_in_dim(vec(dr_gmem.at[bi, h]), shape, [0])
@@ -301,24 +359,18 @@ def _chunk_grads(fq, fk, v, dn, drows, states, dstates, bcum, qs, ks, seg, *, ch
             axis=1)
 
     if which == "dq":
-      qs_rows = vec(qs_gmem.at[bi, h])
-      out(_product(p_smem, k_smem, (chunk, d))
-          + jax.lax.broadcast_in_dim(qs_rows, (chunk, d), [0])
-          * _product(dn_smem, s_smem.T, (chunk, d)), dq_gmem, q_smem)
+      out(_product(p_smem, k_smem, (chunk, d)) + state_term(dn_smem, True, d), dq_gmem, q_smem)
       return
-    ks_rows = vec(ks_gmem.at[bi, h])
-    out(_product(p_smem.T, q_smem, (chunk, d))
-        + jax.lax.broadcast_in_dim(ks_rows, (chunk, d), [0])
-        * _product(v_smem, s_smem.T, (chunk, d)), dk_gmem, k_smem)
+    out(_product(p_smem.T, q_smem, (chunk, d)) + state_term(v_smem, True, d), dk_gmem, k_smem)
     a = _product(q_smem, k_smem.T, shape) * w  # P's products have finished: reuse its buffer
     _stage(a, p_smem)
-    out(_product(p_smem.T, dn_smem, (chunk, dv))
-        + jax.lax.broadcast_in_dim(ks_rows, (chunk, dv), [0])
-        * _product(k_smem, s_smem, (chunk, dv)), dv_gmem, None)
+    out(_product(p_smem.T, dn_smem, (chunk, dv)) + state_term(k_smem, False, dv), dv_gmem, None)
 
   tile = lambda rows, cols: plgpu.SMEM((rows, cols), dtype, transforms=tr)
   scratch = (tile(chunk, d), tile(chunk, d), tile(chunk, dv), tile(chunk, dv), tile(d, dv),
-             tile(chunk, chunk), plgpu.Barrier())
+             tile(chunk, chunk), plgpu.Barrier()) + ((tile(d, dv),) if carry else ())
+  carry_in = () if carry is None else (carry[0], _carry_scale(qs if which == "dq" else ks,
+                                                              carry, chunk))
   grad = lambda width: jax.ShapeDtypeStruct((b, tp, hq, width), dtype)
   dots = jax.ShapeDtypeStruct((b, hq, tp), jnp.float32)
   if which == "dq":
@@ -328,7 +380,7 @@ def _chunk_grads(fq, fk, v, dn, drows, states, dstates, bcum, qs, ks, seg, *, ch
   return plgpu.kernel(
       kernel, out_type=out_type, grid=(n, hq, b), grid_names=("c", "h", "b"),
       scratch_types=scratch, interpret=interpret or False)(
-          fq, fk, v, dn, drows, state_like, bcum, bcum, qs, ks, seg, seg)
+          fq, fk, v, dn, drows, state_like, bcum, bcum, qs, ks, seg, seg, *carry_in)
 
 
 def _scalars(g, seg, chunk, d):
@@ -356,8 +408,9 @@ def _kernel_part_fwd(fq, fk, v, g, seg, chunk, interpret, normalize):
   bcum, qs, ks, seg_p, decay = _scalars(g, seg, chunk, d)
   tp = qs.shape[-1]
   fq_p, fk_p, v_p = (_pad_time(x, tp) for x in (fq, fk, v))
-  states = _decayed_sums(fk_p, v_p, ks, decay, chunk=chunk, reverse=False, interpret=interpret)
-  num, rows = _outputs(fq_p, fk_p, v_p, states, bcum, qs, seg_p, chunk=chunk,
+  states, carry = _decayed_sums(fk_p, v_p, ks, decay, chunk=chunk, reverse=False,
+                                interpret=interpret)
+  num, rows = _outputs(fq_p, fk_p, v_p, states, bcum, qs, seg_p, carry, chunk=chunk,
                        interpret=interpret, num_dtype=jnp.float32 if normalize else fq.dtype)
   return (num[:, :t], rows[:, :, :t]), (fq_p, fk_p, v_p, g, seg, t)
 
@@ -371,15 +424,16 @@ def _kernel_part_bwd(chunk, interpret, normalize, res, cotangents):
   hkv = fk_p.shape[2]
   group = hq // hkv
   bcum, qs, ks, seg_p, decay = _scalars(g, seg, chunk, d)
-  states = _decayed_sums(fk_p, v_p, ks, decay, chunk=chunk, reverse=False, interpret=interpret)
+  states, carry = _decayed_sums(fk_p, v_p, ks, decay, chunk=chunk, reverse=False,
+                                interpret=interpret)
   dn = _pad_time(dnum, tp).astype(fq_p.dtype)  # a tensor-core operand
   dr = jnp.pad(drows.astype(jnp.float32), ((0, 0), (0, 0), (0, tp - t)))
-  dstates = _decayed_sums(fq_p, dn, qs, decay, chunk=chunk, reverse=True, interpret=interpret)
+  dstates, dcarry = _decayed_sums(fq_p, dn, qs, decay, chunk=chunk, reverse=True,
+                                  interpret=interpret)
+  args = (fq_p, fk_p, v_p, dn, dr, states, dstates, bcum, qs, ks, seg_p)
   kw = dict(chunk=chunk, interpret=interpret)
-  dq, q_dots = _chunk_grads(fq_p, fk_p, v_p, dn, dr, states, dstates, bcum, qs, ks, seg_p,
-                            which="dq", **kw)
-  dk, dv, k_dots = _chunk_grads(fq_p, fk_p, v_p, dn, dr, states, dstates, bcum, qs, ks, seg_p,
-                                which="dkv", **kw)
+  dq, q_dots = _chunk_grads(*args, carry, which="dq", **kw)
+  dk, dv, k_dots = _chunk_grads(*args, dcarry, which="dkv", **kw)
   # dL/dc_t = phi(q_t).dq_t - phi(k_t).dk_t per query head (see linear/pallas_tpu.py).
   dc = (q_dots - k_dots).transpose(0, 2, 1)  # [B, Tp, Hq]
   dg = jnp.cumsum(dc[:, ::-1], axis=1)[:, ::-1][:, :t]
