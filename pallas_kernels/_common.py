@@ -102,11 +102,11 @@ class StaticConfig:
     return type(other) is type(self) and self.key == other.key
 
 
-def kernel_for(kernels: dict, impl: str, backend: str | None = None):
+def kernel_for(kernels: dict, impl: str, on: str | None = None):
   """From a family's table impl -> backend -> kernel ("any": every backend): the kernel for
-  impl on this backend, or None."""
+  impl on backend `on` (default: this one), or None."""
   table = kernels.get(impl, {})
-  return table.get(backend or jax.default_backend()) or table.get("any")
+  return table.get(on or backend()) or table.get("any")
 
 
 def call_kernel(kernels: dict, impl: str, name: str, *args, **kwargs):
@@ -115,7 +115,20 @@ def call_kernel(kernels: dict, impl: str, name: str, *args, **kwargs):
   if kernel is None:
     raise ValueError(f"{name}: impl={impl!r} has no kernel for backend {backend()!r} yet "
                      "(impl='reference' and 'xla' run everywhere)")
+  if impl == "pallas" and backend() == "gpu":
+    check_hopper(name)
   return kernel(*args, **kwargs)
+
+
+def check_hopper(name: str, device=None) -> None:
+  """The Mosaic GPU kernels use Hopper's wgmma and TMA (sm_90a): on any other GPU, one line
+  that says so before anything is compiled."""
+  device = device or jax.devices()[0]
+  capability = str(getattr(device, "compute_capability", ""))
+  if not capability.startswith("9."):
+    raise ValueError(f"{name}: impl='pallas' on a GPU runs Mosaic GPU kernels for Hopper "
+                     f"(compute capability 9.x); this GPU is {device.device_kind!r} (compute "
+                     f"capability {capability or 'unknown'}): use impl='xla' (softmax: 'cudnn')")
 
 
 def tpu_interpret(kernel):

@@ -261,3 +261,28 @@ def test_sparse_api_interpret_gpu_runs_the_window_kernel():
   f32 = lambda x: x.astype(jnp.float32)
   want = sparse_reference(f32(q), f32(k), f32(v), pattern=SlidingWindow(20))
   np.testing.assert_allclose(got.astype(jnp.float32), want, atol=3e-2)
+
+
+class _FakeGpu:
+  def __init__(self, kind, capability):
+    self.device_kind, self.compute_capability = kind, capability
+
+
+@pytest.mark.parametrize("kind,capability,ok", [("NVIDIA H200", "9.0", True),
+                                                ("NVIDIA A100-SXM4-80GB", "8.0", False),
+                                                ("NVIDIA B200", "10.0", False)])
+def test_pallas_on_a_non_hopper_gpu_is_a_one_line_error(monkeypatch, kind, capability, ok):
+  """impl='pallas' on a GPU without wgmma/TMA (sm_90a) says so before compiling anything, for
+  every family; on Hopper the check passes."""
+  from pallas_kernels import _common, linear_attention
+  monkeypatch.setattr(_common, "backend", lambda: "gpu")
+  monkeypatch.setattr(_common.jax, "devices", lambda *a: [_FakeGpu(kind, capability)])
+  if ok:
+    _common.check_hopper("blockwise_attention")
+    return
+  q = jnp.zeros((1, 64, 2, 64), jnp.bfloat16)
+  for run in (lambda: blockwise_attention(q, q, q, impl="pallas"),
+              lambda: linear_attention(q, q, q, impl="pallas"),
+              lambda: sparse_attention(q, q, q, pattern=SlidingWindow(16), impl="pallas")):
+    with pytest.raises(ValueError, match=f"compute capability 9.x.*{kind}.*{capability}"):
+      run()
