@@ -18,7 +18,8 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels import SlidingWindow, blockwise_attention, sparse_attention
 from pallas_kernels.blockwise import api as blockwise_api
 from pallas_kernels.blockwise import dense_attention
-from pallas_kernels.blockwise.pallas_gpu import _kv_range, _q_range, flash_attention_gpu
+from pallas_kernels.blockwise.pallas_gpu import (_kv_range, _q_range, _tile_is_whole,
+                                                 flash_attention_gpu)
 from pallas_kernels.sparse import api as sparse_api
 from pallas_kernels.sparse import sparse_reference
 from pallas_kernels.sparse.pallas_gpu import sparse_flash_gpu
@@ -133,6 +134,30 @@ def test_sliding_window_pipelines_visit_the_band_only(causal, window, bq, bk):
     first, end = (int(x) for x in _q_range(i * bk, bq=bq, bk=bk, nq=n, causal=causal,
                                            window=window))
     assert list(range(first, end)) == [qi for qi in range(n) if i in visible[qi]]
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("window", [None, 1, 70, 200])
+@pytest.mark.parametrize("s_len", [256, 250])
+def test_whole_tiles_are_exactly_those_position_keeps_entirely(causal, window, s_len):
+  """The kernels skip the mask on tiles _tile_is_whole calls whole: brute force over every
+  64 x 64 and 64 x 128 tile of a 256-token padded sequence (and a ragged one of 250 keys),
+  whole iff every pair of the tile is kept by position."""
+  for rows, cols in ((64, 64), (64, 128)):
+    for q0 in range(0, 256, rows):
+      for k0 in range(0, 256, cols):
+        q = np.arange(q0, q0 + rows)[:, None]
+        k = np.arange(k0, k0 + cols)[None, :]
+        kept = k < s_len
+        if causal:
+          kept = kept & (k <= q)
+        if window is not None:
+          kept = kept & (np.abs(q - k) < window)
+        got = _tile_is_whole(q0, k0, rows=rows, cols=cols, s_len=s_len, padded_len=256,
+                             causal=causal, window=window, segments=False)
+        assert bool(got) == bool(kept.all()), (q0, k0, rows, cols)
+  assert _tile_is_whole(0, 0, rows=64, cols=64, s_len=256, padded_len=256, causal=False,
+                        window=None, segments=True) is None
 
 
 @pytest.mark.parametrize("t,block,top_k,segments", [(300, 64, 3, True), (200, 128, 9, False),

@@ -15,7 +15,8 @@ softmax in registers (log2 domain). Causal attention stops the pipeline at the d
 sliding window (window=w: |t - s| < w) also starts it at the window's first block, so masked
 tiles are neither loaded nor computed. GQA: the key/value head of query head h is
 h // (Hq // Hkv), read in place. Segment ids (when given) and the padded tail are masked by
-position inside each tile.
+position inside each tile; without segment ids only the tiles that need a mask (the diagonal,
+the window's edges, the padded tail) build one, the others (most) skip it (_tile_is_whole).
 
 Backward (FlashAttention-2's, from the saved log-sum-exp): a dq kernel per query tile walks the
 key tiles up to the diagonal; a dk/dv kernel per (key tile, head) walks the query tiles
@@ -128,6 +129,36 @@ def _query_seg_rows(segments, seg_gmem, bi, h, q0, rows):
                     layout=plgpu.Layout.WGMMA.reduce(1), optimized=False)
 
 
+def _tile_is_whole(q0, k0, *, rows, cols, s_len, padded_len, causal, window, segments):
+  """Whether position alone keeps every pair of the tile queries [q0, q0 + rows) x keys
+  [k0, k0 + cols): True (statically: no tile is ever masked), None (segment ids: every tile is
+  masked, the ids vary), or a traced bool (off-diagonal, inside the window, before the padded
+  tail). Most tiles are whole; they skip building and applying the mask, as FlashAttention-3's
+  and jax's kernels do."""
+  if segments:
+    return None
+  whole = []
+  if padded_len != s_len:
+    whole.append(k0 + cols <= s_len)
+  if causal:
+    whole.append(k0 + cols - 1 <= q0)
+  if window is not None:
+    whole.append(q0 + rows - 1 - k0 < window)
+    if not causal:
+      whole.append(k0 + cols - 1 - q0 < window)
+  return functools.reduce(jnp.logical_and, whole) if whole else True
+
+
+def _unless_whole(whole, compute, keep_fn):
+  """compute(keep) with the tile's mask keep = keep_fn(), or compute(None) where the tile is
+  whole (see _tile_is_whole): the mask is built only on the tiles that need it."""
+  if whole is None:
+    return compute(keep_fn())
+  if whole is True:
+    return compute(None)
+  return jax.lax.cond(whole, lambda: compute(None), lambda: compute(keep_fn()))
+
+
 def _tile_mask(q_pos, k_pos, q_seg, k_seg, *, s_len, causal, window):
   keep = k_pos < s_len
   if q_seg is not None:
@@ -185,16 +216,27 @@ def _copy_in(src, dst, barrier):
   plgpu.barrier_wait(barrier)
 
 
-def _online_softmax_step(s, keep, carry, v_smem, p_smem, *, d, dtype):
+def _masked(keep, p):
+  """p where keep, else 0 (keep None: the tile is whole, p as is)."""
+  return p if keep is None else jnp.where(keep, p, 0.0)
+
+
+def _online_softmax_step(s, whole, keep_fn, carry, v_smem, p_smem, *, d, dtype):
   """One key tile of the online softmax for one warpgroup's rows: s [rows, bk] scores in log2
-  units, keep its mask; carry (acc [rows, d], m [rows], l [rows]). P goes to the tensor cores
-  from registers, or through p_smem (interpret mode takes wgmma operands from memory only)."""
+  units, masked by keep_fn() unless whole (see _unless_whole); carry (acc [rows, d], m [rows],
+  l [rows]). P goes to the tensor cores from registers, or through p_smem (interpret mode takes
+  wgmma operands from memory only)."""
   acc, m_i, l_i = carry
   rows, bk = s.shape
-  s = jnp.where(keep, s, MASK_VALUE)
-  m_new = jnp.maximum(m_i, s.max(axis=1))
+
+  def probabilities(keep):
+    s_kept = s if keep is None else jnp.where(keep, s, MASK_VALUE)
+    m_new = jnp.maximum(m_i, s_kept.max(axis=1))
+    p = jnp.exp2(s_kept - jax.lax.broadcast_in_dim(m_new, (rows, bk), [0]))
+    return _masked(keep, p), m_new
+
+  p, m_new = _unless_whole(whole, probabilities, keep_fn)
   alpha = jnp.exp2(m_i - m_new)
-  p = jnp.where(keep, jnp.exp2(s - jax.lax.broadcast_in_dim(m_new, (rows, bk), [0])), 0.0)
   l_i = l_i * alpha + p.sum(axis=1)
   # A fresh accumulator for P V (interpret mode cannot seed one from registers).
   pv = _matmul(p, v_smem, (rows, d), p_smem, dtype)
@@ -217,6 +259,8 @@ def _forward(q, k, v, q_seg, k_seg, ranges=None, *, causal, window, scale, s_len
   cta_rows = n_wg * bq
   wg = plgpu.Layout.WGMMA
   transforms = _smem_transforms(dtype)
+  whole = lambda q0, k0: _tile_is_whole(q0, k0, rows=bq, cols=bk, s_len=s_len, padded_len=sp,
+                                        causal=causal, window=window, segments=segments)
 
   def kernel(q_gmem, k_gmem, v_gmem, qseg_gmem, kseg_gmem, *rest):
     ranges_gmem, (o_gmem, lse_gmem, q_smem, lse_smem, barrier, *p_smem) = _split(rest, ranges)
@@ -236,10 +280,10 @@ def _forward(q, k, v, q_seg, k_seg, ranges=None, *, causal, window, scale, s_len
     def body(w, q_seg_rows, step, k_smem, v_smem, carry):
       ki = block_at(step)
       s = _smem_product(q_smem.at[w], k_smem, (bq, bk)) * (scale * LOG2E)
-      keep = _query_major_mask(first_row(w), ki, q_seg_rows, kseg_gmem.at[bi], bq=bq, bk=bk,
-                               s_len=s_len, causal=causal, window=window)
-      return _online_softmax_step(s, keep, carry, v_smem, p_smem[0].at[w] if p_smem else None,
-                                  d=d, dtype=dtype)
+      keep_fn = lambda: _query_major_mask(first_row(w), ki, q_seg_rows, kseg_gmem.at[bi], bq=bq,
+                                          bk=bk, s_len=s_len, causal=causal, window=window)
+      return _online_softmax_step(s, whole(first_row(w), ki * bk), keep_fn, carry, v_smem,
+                                  p_smem[0].at[w] if p_smem else None, d=d, dtype=dtype)
 
     def finish(w, carry):
       acc, m_i, l_i = carry
@@ -314,6 +358,8 @@ def _dq(q, k, v, do, lse, delta, q_seg, k_seg, ranges=None, *, causal, window, s
   cta_rows = n_wg * bq
   wg = plgpu.Layout.WGMMA
   transforms = _smem_transforms(dtype)
+  whole = lambda q0, k0: _tile_is_whole(q0, k0, rows=bq, cols=bk, s_len=s_len, padded_len=sp,
+                                        causal=causal, window=window, segments=segments)
 
   def kernel(q_gmem, k_gmem, v_gmem, do_gmem, lse_gmem, delta_gmem, qseg_gmem, kseg_gmem, *rest):
     ranges_gmem, (dq_gmem, q_smem, do_smem, barrier, *ds_smem) = _split(rest, ranges)
@@ -337,9 +383,10 @@ def _dq(q, k, v, do, lse, delta, q_seg, k_seg, ranges=None, *, causal, window, s
       lse_rows, delta_rows, q_seg_rows = context
       ki = block_at(step)
       s = _smem_product(q_smem.at[w], k_smem, (bq, bk)) * scale
-      keep = _query_major_mask(first_row(w), ki, q_seg_rows, kseg_gmem.at[bi], bq=bq, bk=bk,
-                               s_len=s_len, causal=causal, window=window)
-      p = jnp.where(keep, jnp.exp(s - jax.lax.broadcast_in_dim(lse_rows, (bq, bk), [0])), 0.0)
+      keep_fn = lambda: _query_major_mask(first_row(w), ki, q_seg_rows, kseg_gmem.at[bi], bq=bq,
+                                          bk=bk, s_len=s_len, causal=causal, window=window)
+      p = _unless_whole(whole(first_row(w), ki * bk), lambda keep: _masked(
+          keep, jnp.exp(s - jax.lax.broadcast_in_dim(lse_rows, (bq, bk), [0]))), keep_fn)
       dp = _smem_product(do_smem.at[w], v_smem, (bq, bk))
       ds = p * (dp - jax.lax.broadcast_in_dim(delta_rows, (bq, bk), [0]))
       return acc + _matmul(ds, k_smem, (bq, d), ds_smem[0].at[w] if ds_smem else None, dtype)
@@ -393,6 +440,8 @@ def _dkv(q, k, v, do, lse, delta, q_seg, k_seg, ranges=None, *, causal, window, 
   cta_keys = n_wg * bk
   wg = plgpu.Layout.WGMMA
   transforms = _smem_transforms(dtype)
+  whole = lambda q0, k0: _tile_is_whole(q0, k0, rows=bq, cols=bk, s_len=s_len, padded_len=sp,
+                                        causal=causal, window=window, segments=segments)
 
   dq_copies = n_wg if interpret else 1  # dq buffers (see fused_dq above)
 
@@ -431,16 +480,21 @@ def _dkv(q, k, v, do, lse, delta, q_seg, k_seg, ranges=None, *, causal, window, 
           plgpu.load(ref.at[bi, h, pl.ds(qi * bq, bq)], layout=wg.reduce(0), optimized=False),
           (bk, bq), [1])
       s_t = _smem_product(k_smem.at[w], q_smem, (bk, bq)) * scale  # [keys, queries]
-      k_pos = k0 + plgpu.broadcasted_iota(jnp.int32, (bk, bq), 0, layout=wg)
-      q_pos = qi * bq + plgpu.broadcasted_iota(jnp.int32, (bk, bq), 1, layout=wg)
-      q_seg = k_seg = None
-      if segments:
-        q_seg_cols = plgpu.load(_seg_ref(qseg_gmem, bi, h).at[pl.ds(qi * bq, bq)],
-                                layout=wg.reduce(0), optimized=False)
-        q_seg = jax.lax.broadcast_in_dim(q_seg_cols, (bk, bq), [1])
-        k_seg = jax.lax.broadcast_in_dim(k_seg_rows, (bk, bq), [0])
-      keep = _tile_mask(q_pos, k_pos, q_seg, k_seg, s_len=s_len, causal=causal, window=window)
-      p_t = jnp.where(keep, jnp.exp(s_t - cols(lse_gmem)), 0.0)
+
+      def keep_fn():
+        k_pos = k0 + plgpu.broadcasted_iota(jnp.int32, (bk, bq), 0, layout=wg)
+        q_pos = qi * bq + plgpu.broadcasted_iota(jnp.int32, (bk, bq), 1, layout=wg)
+        q_seg = k_seg = None
+        if segments:
+          q_seg_cols = plgpu.load(_seg_ref(qseg_gmem, bi, h).at[pl.ds(qi * bq, bq)],
+                                  layout=wg.reduce(0), optimized=False)
+          q_seg = jax.lax.broadcast_in_dim(q_seg_cols, (bk, bq), [1])
+          k_seg = jax.lax.broadcast_in_dim(k_seg_rows, (bk, bq), [0])
+        return _tile_mask(q_pos, k_pos, q_seg, k_seg, s_len=s_len, causal=causal, window=window)
+
+      lse_cols = cols(lse_gmem)
+      p_t = _unless_whole(whole(qi * bq, k0), lambda keep: _masked(keep, jnp.exp(s_t - lse_cols)),
+                          keep_fn)
       dp_t = _smem_product(v_smem.at[w], do_smem, (bk, bq))
       ds_t = p_t * (dp_t - cols(delta_gmem))
       staging = stage_smem[0].at[w] if stage_smem else None
