@@ -175,11 +175,17 @@ def _time_torch(fn, iters: int) -> float:
 
 
 def _run(family_impls, shapes, flops_fn, iters, skip_errors=True, kept=None):
-  """kept: {impl: pattern or None} for sparse rows (adds kept_fraction)."""
+  """kept: {impl: pattern or None} for sparse rows (adds kept_fraction). Implementation-major
+  (every length of one impl, then the next; peers come first in family_impls): a kernel of ours
+  that fails or hangs on a new machine then costs only its own rows and those after it, never a
+  peer's or another length's."""
   rows = []
-  for (b, t, h, hkv, d, dtype) in shapes:
-    q, k, v, cot = _inputs(b, t, h, hkv, d, dtype)
-    for name, attn in family_impls.items():
+  inputs = {}
+  for name, attn in family_impls.items():
+    for (b, t, h, hkv, d, dtype) in shapes:
+      if (b, t) not in inputs:
+        inputs[(b, t)] = _inputs(b, t, h, hkv, d, dtype)
+      q, k, v, cot = inputs[(b, t)]
       row = {"impl": name, "batch": b, "length": t, "heads": h, "kv_heads": hkv, "head_dim": d,
              "dtype": jnp.dtype(dtype).name}
       if kept is not None:
