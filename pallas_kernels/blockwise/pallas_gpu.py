@@ -5,8 +5,10 @@ other side's tiles stream past through a pipeline. Two schedules (flash_attentio
 `schedule`):
 - "ws" (default): warp specialisation, as FlashAttention-3: two compute warpgroups of 64 rows
   each and a producer warpgroup that only issues the TMA copies into a ring of shared-memory
-  buffers (plgpu.emit_pipeline_warp_specialized), so loads never wait on compute and one
-  warpgroup's softmax overlaps the other's matmuls; each streamed tile serves 128 rows.
+  buffers (plgpu.emit_pipeline_warp_specialized), so loads never wait on compute; each streamed
+  tile serves 128 rows. In the forward the two warpgroups also ping-pong (they meet at a
+  barrier around each product, one a turn behind the other) so that one's softmax runs while
+  the other's matmuls hold the tensor cores.
 - "one_warpgroup": one warpgroup per CTA and a software pipeline (plgpu.emit_pipeline). The
   tables of MoBA and block masks (per 64-row tile) always run this one.
 
@@ -221,11 +223,13 @@ def _masked(keep, p):
   return p if keep is None else jnp.where(keep, p, 0.0)
 
 
-def _online_softmax_step(s, whole, keep_fn, carry, v_smem, p_smem, *, d, dtype):
+def _online_softmax_step(s, whole, keep_fn, carry, v_smem, p_smem, *, d, dtype,
+                         schedule=None):
   """One key tile of the online softmax for one warpgroup's rows: s [rows, bk] scores in log2
   units, masked by keep_fn() unless whole (see _unless_whole); carry (acc [rows, d], m [rows],
   l [rows]). P goes to the tensor cores from registers, or through p_smem (interpret mode takes
-  wgmma operands from memory only)."""
+  wgmma operands from memory only). schedule (ping-pong, see _forward): called between the
+  softmax and the P V product."""
   acc, m_i, l_i = carry
   rows, bk = s.shape
 
@@ -238,6 +242,8 @@ def _online_softmax_step(s, whole, keep_fn, carry, v_smem, p_smem, *, d, dtype):
   p, m_new = _unless_whole(whole, probabilities, keep_fn)
   alpha = jnp.exp2(m_i - m_new)
   l_i = l_i * alpha + p.sum(axis=1)
+  if schedule is not None:
+    schedule()
   # A fresh accumulator for P V (interpret mode cannot seed one from registers).
   pv = _matmul(p, v_smem, (rows, d), p_smem, dtype)
   return acc * jax.lax.broadcast_in_dim(alpha, (rows, d), [0]) + pv, m_new, l_i
@@ -263,7 +269,16 @@ def _forward(q, k, v, q_seg, k_seg, ranges=None, *, causal, window, scale, s_len
                                         causal=causal, window=window, segments=segments)
 
   def kernel(q_gmem, k_gmem, v_gmem, qseg_gmem, kseg_gmem, *rest):
-    ranges_gmem, (o_gmem, lse_gmem, q_smem, lse_smem, barrier, *p_smem) = _split(rest, ranges)
+    ranges_gmem, (o_gmem, lse_gmem, q_smem, lse_smem, barrier, *rest) = _split(rest, ranges)
+    schedule, p_smem = (rest[0], rest[1:]) if ws else (None, rest)
+
+    def take_turn():
+      """Ping-pong (FlashAttention-3's, and jax's Mosaic GPU kernel's): the two compute
+      warpgroups meet at this barrier twice per key tile, once after issuing Q K^T and once
+      before P V, and warpgroup 1 starts one meeting late, so one's softmax runs while the
+      other's products occupy the tensor cores."""
+      plgpu.barrier_arrive(schedule)
+      plgpu.barrier_wait(schedule)
     qi, h, bi = (jax.lax.axis_index(n) for n in ("q", "h", "b"))
     kvh = h // group
     steps, block_at = _visits(ranges_gmem, lists, bi, h, qi, lambda: _kv_range(
@@ -275,17 +290,23 @@ def _forward(q, k, v, q_seg, k_seg, ranges=None, *, causal, window, scale, s_len
       init = (plgpu.layout_cast(jnp.zeros((bq, d), jnp.float32), wg),
               plgpu.layout_cast(jnp.full((bq,), MASK_VALUE, jnp.float32), wg.reduce(1)),
               plgpu.layout_cast(jnp.zeros((bq,), jnp.float32), wg.reduce(1)))
+      if ws:  # warpgroup 1 starts one meeting late (take_turn)
+        pl.when(w == 1)(take_turn)
       return init, _query_seg_rows(segments, qseg_gmem, bi, h, first_row(w), bq)
 
     def body(w, q_seg_rows, step, k_smem, v_smem, carry):
       ki = block_at(step)
-      s = _smem_product(q_smem.at[w], k_smem, (bq, bk)) * (scale * LOG2E)
+      turn = take_turn if ws else None
+      s = _smem_product(q_smem.at[w], k_smem, (bq, bk), after_issue=turn) * (scale * LOG2E)
       keep_fn = lambda: _query_major_mask(first_row(w), ki, q_seg_rows, kseg_gmem.at[bi], bq=bq,
                                           bk=bk, s_len=s_len, causal=causal, window=window)
       return _online_softmax_step(s, whole(first_row(w), ki * bk), keep_fn, carry, v_smem,
-                                  p_smem[0].at[w] if p_smem else None, d=d, dtype=dtype)
+                                  p_smem[0].at[w] if p_smem else None, d=d, dtype=dtype,
+                                  schedule=turn)
 
     def finish(w, carry):
+      if ws:  # ... and warpgroup 0 makes up the meeting at the end
+        pl.when(w == 0)(take_turn)
       acc, m_i, l_i = carry
       empty = l_i == 0.0
       safe_l = jnp.where(empty, 1.0, l_i)
@@ -303,6 +324,8 @@ def _forward(q, k, v, q_seg, k_seg, ranges=None, *, causal, window, scale, s_len
 
   scratch = (plgpu.SMEM((n_wg, bq, d), dtype, transforms=transforms),
              plgpu.SMEM((n_wg, bq), jnp.float32), plgpu.Barrier(num_barriers=n_wg))
+  if ws:
+    scratch += (plgpu.Barrier(num_arrivals=WS_WARPGROUPS),)
   if stage_in_smem:
     scratch += (plgpu.SMEM((n_wg, bq, bk), dtype, transforms=transforms),)
   call = _launch(kernel, out_type=(jax.ShapeDtypeStruct((b, tp, hq, d), dtype),
@@ -337,10 +360,13 @@ def _smem_operand_product(a_smem, b_smem, shape):
   return pl.run_scoped(run, plgpu.ACC(shape, jnp.float32))
 
 
-def _smem_product(a_smem, b_smem_t, shape):
-  """a [M, K] @ b^T for two shared-memory tiles (b given as [N, K]): fp32 [M, N]."""
+def _smem_product(a_smem, b_smem_t, shape, after_issue=None):
+  """a [M, K] @ b^T for two shared-memory tiles (b given as [N, K]): fp32 [M, N]. after_issue
+  runs while the product is in flight (the ping-pong schedule of _forward)."""
   def run(acc_ref):
     plgpu.wgmma(acc_ref, a_smem, b_smem_t.T)
+    if after_issue is not None:
+      after_issue()
     return acc_ref[...]
   return pl.run_scoped(run, plgpu.ACC(shape, jnp.float32))
 
