@@ -159,11 +159,11 @@ def _decayed_sums(x, y, scale, decay, *, chunk, reverse, interpret):
   dtype (fp32 accumulation), the value before chunk c within its segment; carry None when one
   segment holds every chunk, else (entering [B, Hq, n_seg * D, Dv] in the input dtype, the value
   entering each segment: C_0 = 0, C_{g+1} = (prod of g's decays) C_g + final_g, joined here
-  over the small per-segment finals; beta [B, Hq, n] fp32, the product of the decays from the
-  start of c's segment to c). The value before chunk c is local_c + beta_c C_{seg(c)} (see
-  _segment_of); the consuming kernels add the second term themselves (one more small matmul
-  against a tile their segment shares), so the per-chunk values are written once and never
-  rewritten."""
+  by an associative scan over the small per-segment finals; beta [B, Hq, n] fp32, the product
+  of the decays from the start of c's segment to c). The value before chunk c is
+  local_c + beta_c C_{seg(c)} (see _segment_of); the consuming kernels add the second term
+  themselves (one more small matmul against a tile their segment shares), so the per-chunk
+  values are written once and never rewritten."""
   b, tp, _, d = x.shape
   hq, dv = scale.shape[1], y.shape[-1]
   n = tp // chunk
@@ -180,14 +180,14 @@ def _decayed_sums(x, y, scale, decay, *, chunk, reverse, interpret):
                        axis=-1)  # [B, Hq, n_seg, per]: decay from the segment start to p
   finals = finals.reshape(b, hq, n_seg, d, dv)
 
-  def join(carry, seg):
-    total, final = seg
-    return total[..., None, None] * carry + final, carry
+  def then(x, y):  # segment maps C -> a C + f, composed: x, then y
+    return x[0] * y[0], y[0][..., None, None] * x[1] + y[1]
 
-  _, entering = jax.lax.scan(join, jnp.zeros((b, hq, d, dv), jnp.float32),
-                             (jnp.moveaxis(jnp.prod(dec, axis=-1), 2, 0),
-                              jnp.moveaxis(finals, 2, 0)))  # entering [n_seg, B, Hq, D, Dv]
-  entering = jnp.moveaxis(entering, 0, 2).reshape(b, hq, n_seg * d, dv).astype(local.dtype)
+  # An associative scan (log2(n_seg) fused steps), not a sequential one: on a GPU each step of
+  # a scan is a kernel launch, n_seg of them per scan.
+  _, after = jax.lax.associative_scan(then, (jnp.prod(dec, axis=-1), finals), axis=2)
+  entering = jnp.pad(after[:, :, :-1], ((0, 0), (0, 0), (1, 0), (0, 0), (0, 0)))  # C_0 = 0
+  entering = entering.reshape(b, hq, n_seg * d, dv).astype(local.dtype)
   beta = order(before.reshape(b, hq, n_seg * per)[:, :, :n])  # back to time order
   return local, (entering, beta)
 
