@@ -527,8 +527,8 @@ def _dkv(q, k, v, do, lse, delta, q_seg, k_seg, ranges=None, *, causal, window, 
       dv = dv + _matmul(p_t, do_smem, (bk, d), staging, dtype)
       if not fused_dq:
         return dk + _matmul(ds_t, q_smem, (bk, d), staging, dtype), dv
-      # dS goes to shared memory once: the lhs of dk += dS^T... as is, and of dq's share
-      # dS^T K transposed (wgmma reads a transposed 16-bit lhs from shared memory).
+      # dS (keys as rows) goes to shared memory once: the lhs of dk += dS Q as is, and of dq's
+      # share dS^T K transposed (wgmma reads a transposed 16-bit lhs from shared memory).
       ds_smem.at[w][...] = ds_t.astype(dtype)
       plgpu.commit_smem()
       dk = dk + _smem_operand_product(ds_smem.at[w], q_smem, (bk, d))
