@@ -448,20 +448,23 @@ def _normaliser_inter(fq, fk, g, seg, chunk):
   """qs_t * (phi(q_t) . z_c): the normaliser's part from before t's chunk, in jnp (z_c, the
   decayed key sum before chunk c, by an associative scan over chunks). [B, Hq, T]."""
   b, t, hq, d = fq.shape
+  hkv = fk.shape[2]
   _, qs, ks, _, decay = _scalars(g, seg, chunk, d)
   tp = qs.shape[-1]
   n = tp // chunk
-  fk_rep = jnp.repeat(_pad_time(fk, tp).astype(jnp.float32), hq // fk.shape[2], axis=2)
-  dz = jnp.einsum("bhnc,bnchd->bhnd", ks.reshape(b, hq, n, chunk),
-                  fk_rep.reshape(b, n, chunk, hq, d))
+  f32 = lambda x: _pad_time(x, tp).astype(jnp.float32)
+  # Per chunk, grouped by key/value head: neither the keys nor z are repeated per query head
+  # or per token in memory.
+  dz = jnp.einsum("bkgnc,bnckd->bkgnd", ks.reshape(b, hkv, hq // hkv, n, chunk),
+                  f32(fk).reshape(b, n, chunk, hkv, d)).reshape(b, hq, n, d)
 
   def combine(x, y):
     return x[0] * y[0], y[0] * x[1] + y[1]
 
   _, z_after = jax.lax.associative_scan(combine, (decay[..., :1], dz), axis=2)
   z_before = jnp.pad(z_after, ((0, 0), (0, 0), (1, 0), (0, 0)))[:, :, :n]
-  z_tok = jnp.repeat(z_before, chunk, axis=2)[:, :, :t]  # [B, H, T, D]
-  return jnp.einsum("bthd,bhtd->bht", fq.astype(jnp.float32), z_tok) * qs[:, :, :t]
+  dots = jnp.einsum("bnchd,bhnd->bhnc", f32(fq).reshape(b, n, chunk, hq, d), z_before)
+  return (dots.reshape(b, hq, tp) * qs)[:, :, :t]
 
 
 def _linear_gpu(fq, fk, v, g, seg, chunk, normalize, interpret):
