@@ -5,8 +5,9 @@ Chunk-parallel, as GPUs need (a sequential scan per (batch, head) would fill 16 
      the segment's chunks writes the state S_c [D, 64] before each chunk and updates
      S <- decay_c S + K_c^T (ks * V_c) on wgmma (K^T straight from shared memory; ks scales the
      value rows); the segments, scanned at once from zero, so neither the scan's latency nor
-     the parallelism grows with T, are joined by the carry entering each (a jnp scan over the
-     per-segment finals only), which the consumers add in-kernel: S_c = local_c + beta_c C_g;
+     the parallelism grows with T, are joined by the carry entering each (an associative scan
+     in jnp over the per-segment finals only), which the consumers add in-kernel:
+     S_c = local_c + beta_c C_g;
   2. outputs: per (batch, head, chunk), in parallel, num = (QK^T * W) V + qs * (Q S_c) and the
      intra-chunk row sums of QK^T * W (for normalisation), all on wgmma.
 Backward (custom_vjp; the states are recomputed, nothing per chunk is kept from the forward):
