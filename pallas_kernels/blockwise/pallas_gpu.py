@@ -352,23 +352,20 @@ def _matmul(lhs, rhs_smem, shape, staging, dtype):
   return pl.run_scoped(run, plgpu.ACC(shape, jnp.float32))
 
 
-def _smem_operand_product(a_smem, b_smem, shape):
-  """a [M, K] @ b [K, N], both shared-memory operands (either may be a .T view): fp32 [M, N]."""
+def _smem_operand_product(a_smem, b_smem, shape, after_issue=None):
+  """a [M, K] @ b [K, N], both shared-memory operands (either may be a .T view): fp32 [M, N].
+  after_issue runs while the product is in flight (the ping-pong schedule of _forward)."""
   def run(acc_ref):
     plgpu.wgmma(acc_ref, a_smem, b_smem)
+    if after_issue is not None:
+      after_issue()
     return acc_ref[...]
   return pl.run_scoped(run, plgpu.ACC(shape, jnp.float32))
 
 
 def _smem_product(a_smem, b_smem_t, shape, after_issue=None):
-  """a [M, K] @ b^T for two shared-memory tiles (b given as [N, K]): fp32 [M, N]. after_issue
-  runs while the product is in flight (the ping-pong schedule of _forward)."""
-  def run(acc_ref):
-    plgpu.wgmma(acc_ref, a_smem, b_smem_t.T)
-    if after_issue is not None:
-      after_issue()
-    return acc_ref[...]
-  return pl.run_scoped(run, plgpu.ACC(shape, jnp.float32))
+  """a [M, K] @ b^T for two shared-memory tiles (b given as [N, K]): fp32 [M, N]."""
+  return _smem_operand_product(a_smem, b_smem_t.T, shape, after_issue)
 
 
 def _dq(q, k, v, do, lse, delta, q_seg, k_seg, ranges=None, *, causal, window, scale, s_len, bq,
