@@ -120,10 +120,10 @@ def call_kernel(kernels: dict, impl: str, name: str, *args, **kwargs):
   return kernel(*args, **kwargs)
 
 
-def check_hopper(name: str, device=None) -> None:
+def check_hopper(name: str) -> None:
   """The Mosaic GPU kernels use Hopper's wgmma and TMA (sm_90a): on any other GPU, one line
   that says so before anything is compiled."""
-  device = device or jax.devices()[0]
+  device = jax.devices()[0]
   capability = str(getattr(device, "compute_capability", ""))
   if not capability.startswith("9."):
     raise ValueError(f"{name}: impl='pallas' on a GPU runs Mosaic GPU kernels for Hopper "

@@ -182,10 +182,11 @@ def _run(family_impls, shapes, flops_fn, iters, skip_errors=True, kept=None):
   rows = []
   inputs = {}
   for name, attn in family_impls.items():
-    for (b, t, h, hkv, d, dtype) in shapes:
-      if (b, t) not in inputs:
-        inputs[(b, t)] = _inputs(b, t, h, hkv, d, dtype)
-      q, k, v, cot = inputs[(b, t)]
+    for shape in shapes:
+      if shape not in inputs:
+        inputs[shape] = _inputs(*shape)
+      q, k, v, cot = inputs[shape]
+      b, t, h, hkv, d, dtype = shape
       row = {"impl": name, "batch": b, "length": t, "heads": h, "kv_heads": hkv, "head_dim": d,
              "dtype": jnp.dtype(dtype).name}
       if kept is not None:
