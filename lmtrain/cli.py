@@ -56,11 +56,11 @@ def load_config(config_flag_holder):
 
 
 def validated(cfg):
+  """The resolved config (lmtrain.config.finalize), or exit 2 with one line."""
   try:
-    config_lib.validate(cfg)
+    return config_lib.finalize(cfg)
   except config_lib.ConfigError as e:
     fail(str(e))
-  return cfg
 
 
 def start(argv, config_holder, workdir_flag):

@@ -64,6 +64,14 @@ def table(runs: list[dict]) -> str:
   return "\n".join(lines) + "\n"
 
 
+def papers(runs: list[dict]) -> str:
+  """The citation of every attention kind in the compared runs, from the mixer registry."""
+  from lmtrain.model import mixers
+  used = {k.strip() for r in runs for k in str(r.get("attention") or "").split(",")}
+  lines = [f"- `{k}`: {mixers.get(k).paper}" for k in mixers.kinds() if k in used]
+  return ("\nAttention kinds:\n\n" + "\n".join(lines) + "\n") if lines else ""
+
+
 def plots(runs: list[dict], out: str) -> list[str]:
   plt = report._pyplot()
   written = []
@@ -112,7 +120,7 @@ def compare(workdirs, out: str) -> dict:
     raise FileNotFoundError(f"no evals/*.json in any of {', '.join(workdirs)}; run "
                             "python -m lmtrain.evaluate first")
   os.makedirs(out, exist_ok=True)
-  md = table(runs)
+  md = table(runs) + papers(runs)
   with open(os.path.join(out, "comparison.md"), "w") as f:
     f.write("# Attention comparison\n\n" + md)
   report.write_json(os.path.join(out, "comparison.json"), {"runs": runs})

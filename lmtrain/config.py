@@ -1,8 +1,10 @@
 """The config schema: defaults, variant parsing, and validation that fails before compiling.
 
 Configs are Python files with `get_config(arg=None)` returning an ml_collections.ConfigDict built
-on `base_config()`. `validate(cfg)` raises ConfigError with one line naming the bad value; the
-command-line entry points turn it into exit code 2.
+on `base_config()`. `finalize(cfg)` rejects unknown fields, resolves every attention option
+(sizes derived from data.seq_len, after the command-line overrides) and validates, raising
+ConfigError with one line naming the bad value; the command-line entry points turn it into exit
+code 2 and use the resolved config from then on.
 """
 from __future__ import annotations
 
@@ -11,51 +13,18 @@ import os
 import ml_collections
 from ml_collections import config_dict
 
-ATTENTION_KINDS = ("softmax", "linear", "sliding_window", "block_sparse", "moba")
+from lmtrain.config_error import ConfigError  # re-exported: lmtrain.config.ConfigError
+
 ATTENTION_IMPLS = ("auto", "reference", "xla", "cudnn", "pallas", "interpret", "interpret_gpu")
-POSITIONS = ("rope", "alibi", "none")
 DTYPES = ("float32", "bfloat16", "float16")
 DATA_SOURCES = ("stdlib", "text", "jsonl", "mqar")
 TOKENIZERS = ("byte",)
 MESH_AXES = ("data", "fsdp", "tensor", "sequence")
-
-# Fields of model.attention that only some kinds read; setting one for another kind is an error.
-KIND_FIELDS = {
-    "window": ("sliding_window",),
-    "block_size": ("block_sparse", "moba"),
-    "top_k": ("moba",),
-    "local_blocks": ("block_sparse",),
-    "global_blocks": ("block_sparse",),
-    "stride": ("block_sparse",),
-    "feature_map": ("linear",),
-    "decay": ("linear",),
-    "normalize": ("linear",),
-    "chunk_size": ("linear",),
+# Fields that moved; a config that still sets one is told where it went.
+MOVED_FIELDS = {
+    "model.position": "model.attention.<kind>.position (an option of each softmax-family kind)",
+    "model.rope_theta": "model.attention.<kind>.rope_theta (an option of each softmax-family kind)",
 }
-
-
-# Defaults of the kind-specific fields, applied when a kind that reads them leaves them unset
-# (None means the field has no default and must be set).
-KIND_DEFAULTS = {
-    "window": None, "block_size": None, "top_k": None,
-    "local_blocks": 1, "global_blocks": 0, "stride": 0,
-    "feature_map": "elu1", "decay": "none", "normalize": True, "chunk_size": 64,
-}
-FEATURE_MAPS = ("elu1", "relu", "identity")
-LINEAR_DECAYS = ("none", "constant", "data_dependent")
-# Which kernel family runs each kind (pallas_kernels.<family>).
-KIND_FAMILY = {"softmax": "blockwise", "linear": "linear", "sliding_window": "sparse",
-               "block_sparse": "sparse", "moba": "sparse"}
-
-
-def attention_option(attn, field: str):
-  """A kind-specific field with its default applied."""
-  value = attn[field]
-  return KIND_DEFAULTS[field] if value is None else value
-
-
-class ConfigError(ValueError):
-  """A bad config value; the message is one line and names the value."""
 
 
 def placeholder(kind):
@@ -64,22 +33,26 @@ def placeholder(kind):
 
 def base_config() -> ml_collections.ConfigDict:
   """Every field of the schema with its default (names are part of the DESIGN.md contract)."""
+  from lmtrain.model import mixers
   c = ml_collections.ConfigDict()
   c.model = dict(
       vocab_size=258, num_layers=4, d_model=128, num_heads=2, num_kv_heads=1,
-      head_dim=placeholder(int), mlp_dim=384, position="rope", rope_theta=10000.0,
-      tie_embeddings=False, dtype="float32", dropout_rate=0.0,
-      attention=dict(
-          kind="softmax", impl="auto", layer_pattern="",
-          window=placeholder(int), block_size=placeholder(int), top_k=placeholder(int),
-          local_blocks=placeholder(int), global_blocks=placeholder(int), stride=placeholder(int),
-          feature_map=placeholder(str), decay=placeholder(str), normalize=placeholder(bool),
-          chunk_size=placeholder(int)),
+      head_dim=placeholder(int), mlp_dim=384, tie_embeddings=False, dtype="float32",
+      dropout_rate=0.0,
+      # kind: the token mixer of every layer (or layer_pattern, kinds repeated over the depth);
+      # one sub-dict of options per registered kind (lmtrain/model/mixers), e.g.
+      # --config.model.attention.moba.top_k=4
+      attention=dict(kind="softmax", impl="auto", layer_pattern="",
+                     **{kind: mixers.get(kind).Options.config_fields()
+                        for kind in mixers.kinds()}),
   )
   c.data = dict(
       source="stdlib", path=placeholder(str), eval_path=placeholder(str), text_field="text",
       tokenizer="byte", seq_len=256, batch_size=16, heldout_percent=5, eval_batches=8,
-      shuffle_window=1024, mqar_num_pairs=placeholder(int),
+      shuffle_window=1024,
+      # MQAR (data.source=mqar and eval mqar): Zoology's generator, lmtrain/data/mqar.py
+      mqar_num_pairs=placeholder(str), mqar_vocab_size=256, mqar_power_a=0.01,
+      mqar_random_non_queries=True,
   )
   c.train = dict(
       steps=300, lr=3e-3, warmup_steps=30, end_lr_ratio=0.1, b1=0.9, b2=0.95,
@@ -154,7 +127,9 @@ def layer_pattern_kinds(attn) -> tuple[str, ...]:
 
 
 def validate_model(cfg) -> None:
-  """Checks the `model` subtree (also used by evaluation and tests)."""
+  """Checks the `model` subtree of a resolved config (also used by evaluation and tests)."""
+  from lmtrain.model import mixers
+  from lmtrain.model.dims import ModelDims
   m = cfg.model
   for f in ("vocab_size", "num_layers", "d_model", "num_heads", "num_kv_heads", "mlp_dim"):
     _positive(cfg, f"model.{f}")
@@ -163,92 +138,103 @@ def validate_model(cfg) -> None:
           "(set model.head_dim to decouple them)")
   if m.head_dim is not None:
     _positive(cfg, "model.head_dim")
-  head_dim = m.head_dim or m.d_model // m.num_heads
   if m.num_heads % m.num_kv_heads:
     _fail(f"model.num_kv_heads={m.num_kv_heads} does not divide model.num_heads={m.num_heads}")
-  _one_of(cfg, "model.position", POSITIONS)
-  if m.position == "rope" and head_dim % 2:
-    _fail(f"model.position='rope' needs an even head dim; got {head_dim}")
   _one_of(cfg, "model.dtype", DTYPES)
   if not 0.0 <= m.dropout_rate < 1.0:
     _fail(f"model.dropout_rate={m.dropout_rate!r} must be in [0, 1)")
   a = m.attention
-  _one_of(cfg, "model.attention.kind", ATTENTION_KINDS)
+  _one_of(cfg, "model.attention.kind", mixers.kinds())
   _one_of(cfg, "model.attention.impl", ATTENTION_IMPLS)
   kinds = layer_pattern_kinds(a)
   for kind in kinds:
-    if kind not in ATTENTION_KINDS:
+    if kind not in mixers.kinds():
       _fail(f"model.attention.layer_pattern={a.layer_pattern!r} has unknown kind {kind!r} "
-            f"(kinds: {', '.join(ATTENTION_KINDS)})")
+            f"(kinds: {', '.join(mixers.kinds())})")
   if a.kind not in kinds:
     _fail(f"model.attention.kind={a.kind!r} is not in layer_pattern={a.layer_pattern!r}")
-  for field, users in KIND_FIELDS.items():
-    if a[field] is not None and not set(users) & set(kinds):
-      _fail(f"model.attention.{field}={a[field]!r} is not used by attention kind "
-            f"{'/'.join(kinds)} (only by {', '.join(users)})")
-  _validate_kind_fields(cfg, kinds)
+  dims = ModelDims.from_config(m)
+  for kind in dict.fromkeys(kinds):
+    mixer = mixers.get(kind)
+    ctx = mixers.Context(kind=kind, dims=dims, seq_len=cfg.data.seq_len, impl=a.impl)
+    mixer.check(mixer.Options.from_config(a.get(kind)), ctx)
 
 
-def _validate_kind_fields(cfg, kinds) -> None:
-  """The fields each kind in use reads: required ones set, values in range."""
+def resolve_attention(cfg) -> None:
+  """In place: each used kind's options with every default applied and the sizes derived from
+  data.seq_len filled in; options of kinds no layer uses must be left at their defaults (a
+  comparison never silently differs in an ignored knob) and are dropped from the record."""
+  from lmtrain.model import mixers
   a = cfg.model.attention
-
-  def opt(field):
-    return attention_option(a, field)
-
-  def need(field, kind):
-    if opt(field) is None:
-      _fail(f"model.attention.{field} must be set for attention kind {kind!r}")
-
-  def positive(field):
-    if not isinstance(opt(field), int) or opt(field) <= 0:
-      _fail(f"model.attention.{field}={opt(field)!r} must be a positive integer")
-  if "sliding_window" in kinds:
-    need("window", "sliding_window")
-    positive("window")
-  if "block_sparse" in kinds or "moba" in kinds:
-    need("block_size", "block_sparse" if "block_sparse" in kinds else "moba")
-    positive("block_size")
-  if "block_sparse" in kinds:
-    positive("local_blocks")
-    for f in ("global_blocks", "stride"):
-      if not isinstance(opt(f), int) or opt(f) < 0:
-        _fail(f"model.attention.{f}={opt(f)!r} must be an integer >= 0")
-  if "moba" in kinds:
-    need("top_k", "moba")
-    positive("top_k")
-  if "linear" in kinds:
-    if opt("feature_map") not in FEATURE_MAPS:
-      _fail(f"model.attention.feature_map={opt('feature_map')!r} is not one of "
-            f"{', '.join(FEATURE_MAPS)}")
-    if opt("decay") not in LINEAR_DECAYS:
-      _fail(f"model.attention.decay={opt('decay')!r} is not one of {', '.join(LINEAR_DECAYS)}")
-    positive("chunk_size")
-    if opt("feature_map") == "identity" and opt("normalize"):
-      _fail("model.attention.feature_map='identity' with normalize=True divides by a sum that "
-            "can be zero or negative; use elu1/relu or set model.attention.normalize=False")
-    if cfg.model.position == "alibi":
-      _fail("model.position='alibi' does not apply to attention kind 'linear' (use decay)")
-  impl = a.impl
-  if impl == "cudnn" and set(kinds) - {"softmax"}:
-    _fail(f"model.attention.impl='cudnn' only runs kind 'softmax', not "
-          f"{', '.join(sorted(set(kinds) - {'softmax'}))}")
-  if impl in ("pallas", "interpret", "interpret_gpu"):
-    import importlib
-    for kind in kinds:
-      family = KIND_FAMILY[kind]
-      api = importlib.import_module(f"pallas_kernels.{family}.api")
-      if api.kernel_for(impl) is None:
-        import jax
-        _fail(f"model.attention.impl={impl!r}: pallas_kernels.{family} has no such kernel for "
-              f"backend {jax.default_backend()!r} yet (needed by attention kind {kind!r})")
-      if family != "linear" and cfg.model.position == "alibi":
-        _fail(f"model.attention.impl={impl!r}: the Pallas attention kernel does not take "
-              "model.position='alibi' yet")
+  kinds = layer_pattern_kinds(a)
+  for kind in [k for k in mixers.kinds() if k in a]:
+    Options = mixers.get(kind).Options
+    if kind in kinds:
+      continue
+    given = {k: v for k, v in a[kind].items() if v != getattr(Options(), k, v)}
+    if given:
+      field, value = next(iter(given.items()))
+      _fail(f"model.attention.{kind}.{field}={value!r} is set, but no layer uses attention kind "
+            f"{kind!r} (model.attention.kind={a.kind!r}"
+            + (f", layer_pattern={a.layer_pattern!r})" if a.layer_pattern else ")"))
+    del a[kind]
+  for kind in dict.fromkeys(kinds):
+    if kind not in mixers.kinds():
+      continue  # validate_model names it
+    Options = mixers.get(kind).Options
+    try:
+      options = Options.from_config(a.get(kind)).resolve(cfg.data.seq_len)
+    except TypeError as e:
+      _fail(f"model.attention.{kind}: {e}")
+    a[kind] = ml_collections.ConfigDict(options.to_dict())
 
 
-def validate(cfg) -> None:
-  """Raises ConfigError (one line) for the first bad value of a whole training config."""
+def check_fields(cfg, schema=None, path: str = "") -> None:
+  """Every field of cfg exists in the schema (base_config); a misspelled or moved one fails in
+  one line naming the nearest valid field."""
+  import difflib
+  schema = base_config() if schema is None else schema
+  for key in cfg.keys():
+    full = f"{path}{key}"
+    if key in schema:
+      if isinstance(schema[key], ml_collections.ConfigDict):
+        if not isinstance(cfg[key], (ml_collections.ConfigDict, dict)):
+          _fail(f"{full}={cfg[key]!r} must be a group of fields ({', '.join(schema[key].keys())})")
+        check_fields(cfg[key], schema[key], full + ".")
+      continue
+    if full in MOVED_FIELDS:
+      _fail(f"{full} is not a field any more; it is now {MOVED_FIELDS[full]}")
+    candidates = {k: f"{path}{k}" for k in schema.keys()}
+    if path == "model.attention.":  # options live per kind: window -> sliding_window.window
+      for kind in schema.keys():
+        if isinstance(schema[kind], ml_collections.ConfigDict):
+          for f in schema[kind].keys():
+            candidates.setdefault(f, f"{path}{kind}.{f}")
+    near = difflib.get_close_matches(key, list(candidates), n=1, cutoff=0.6)
+    hint = f" (did you mean {candidates[near[0]]}?)" if near else ""
+    _fail(f"config field {full} does not exist{hint}")
+
+
+def finalize(cfg) -> ml_collections.ConfigDict:
+  """The resolved config of a run: unknown fields rejected, every attention option filled in
+  (sizes derived from data.seq_len after the command-line overrides), everything validated.
+  This is what the run, its logs, checkpoints and eval results record."""
+  check_fields(cfg)
+  resolved = ml_collections.ConfigDict(cfg.to_dict())
+  resolve_attention(resolved)
+  _validate_resolved(resolved)
+  if resolved.model.head_dim is None:
+    resolved.model.head_dim = resolved.model.d_model // resolved.model.num_heads
+  return resolved
+
+
+def validate(cfg) -> ml_collections.ConfigDict:
+  """Raises ConfigError (one line) for the first bad value of a whole training config; returns
+  the resolved config (see `finalize`)."""
+  return finalize(cfg)
+
+
+def _validate_resolved(cfg) -> None:
   validate_model(cfg)
   d, t = cfg.data, cfg.train
   _one_of(cfg, "data.source", DATA_SOURCES)
@@ -260,13 +246,23 @@ def validate(cfg) -> None:
     if d.path is None:
       _fail(f"data.path must be set for data.source={d.source!r}")
     _check_path_exists("data.path", d.path)
+  if d.mqar_vocab_size < 4 or d.mqar_vocab_size > cfg.model.vocab_size:
+    _fail(f"data.mqar_vocab_size={d.mqar_vocab_size} must be in [4, model.vocab_size="
+          f"{cfg.model.vocab_size}]")
+  if not d.mqar_power_a > 0:
+    _fail(f"data.mqar_power_a={d.mqar_power_a} must be > 0")
   if d.source == "mqar":
     from lmtrain.data.mqar import max_pairs
     if d.mqar_num_pairs is None:
-      _fail("data.mqar_num_pairs must be set for data.source='mqar'")
-    if not 1 <= d.mqar_num_pairs <= min(max_pairs(d.seq_len), 128):
-      _fail(f"data.mqar_num_pairs={d.mqar_num_pairs} does not fit data.seq_len={d.seq_len} "
-            f"(1..{min(max_pairs(d.seq_len), 128)})")
+      _fail("data.mqar_num_pairs must be set for data.source='mqar' (a count or a comma list)")
+    if d.seq_len % 2:
+      _fail(f"data.seq_len={d.seq_len} must be even for data.source='mqar'")
+    most = max_pairs(d.seq_len, d.mqar_vocab_size)
+    for n in _number_list(cfg, "data.mqar_num_pairs", int) or [0]:
+      if not 1 <= n <= most:
+        _fail(f"data.mqar_num_pairs={d.mqar_num_pairs!r} has {n}, which does not fit "
+              f"data.seq_len={d.seq_len} and data.mqar_vocab_size={d.mqar_vocab_size} "
+              f"(1..{most})")
   elif d.mqar_num_pairs is not None:
     _fail(f"data.mqar_num_pairs={d.mqar_num_pairs} is only used by data.source='mqar'")
   if d.eval_path is not None:
@@ -345,30 +341,22 @@ def _check_path_exists(name: str, path: str) -> None:
     _fail(f"{name}={path!r} does not exist")
 
 
-ATTENTION_VARIANTS = ("softmax", "linear", "gla", "sliding_window", "block_sparse", "moba",
-                      "hybrid")
+def attention_variants() -> tuple[str, ...]:
+  from lmtrain.model import mixers
+  return tuple(mixers.variants())
 
 
 def apply_attention_variant(c, name: str) -> None:
-  """Sets model.attention for a named variant of the example configs, with fields sized for
-  data.seq_len (set seq_len first)."""
+  """Sets model.attention for a named variant of the example configs (each mixer declares its
+  own, lmtrain/model/mixers). Sizes that derive from data.seq_len stay unset here and are
+  resolved by `finalize` after the command-line overrides."""
+  from lmtrain.model import mixers
+  variants = mixers.variants()
+  if name not in variants:
+    raise ConfigError(f"attention variant {name!r} is not one of {', '.join(variants)}")
+  spec = variants[name]
   a = c.model.attention
-  t = c.data.seq_len
-  if name == "softmax":
-    a.kind = "softmax"
-  elif name == "linear":  # elu(x)+1 features, RetNet-style fixed per-head decay
-    a.update(kind="linear", feature_map="elu1", decay="constant")
-  elif name == "gla":  # data-dependent gates from a learned projection
-    a.update(kind="linear", feature_map="elu1", decay="data_dependent")
-  elif name == "sliding_window":
-    a.update(kind="sliding_window", window=max(t // 4, 1))
-  elif name == "block_sparse":  # local + sink + strided blocks
-    a.update(kind="block_sparse", block_size=max(t // 8, 1), local_blocks=2, global_blocks=1,
-             stride=4)
-  elif name == "moba":
-    a.update(kind="moba", block_size=max(t // 8, 1), top_k=3)
-  elif name == "hybrid":  # three linear layers to one softmax layer
-    a.update(kind="linear", layer_pattern="linear,linear,linear,softmax", feature_map="elu1",
-             decay="constant")
-  else:
-    raise ConfigError(f"attention variant {name!r} is not one of {', '.join(ATTENTION_VARIANTS)}")
+  a.kind = spec["kind"]
+  a.layer_pattern = spec["layer_pattern"]
+  for kind, options in spec["options"].items():
+    a[kind].update(options)

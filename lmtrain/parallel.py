@@ -97,13 +97,12 @@ def check_config_fits_mesh(cfg, shape: tuple[int, ...]) -> None:
     raise MeshError(f"data.batch_size={cfg.data.batch_size} is not divisible by "
                     f"mesh data x fsdp = {rows}")
   if sizes["sequence"] > 1:
-    from lmtrain.model import layer_kinds
-    kinds = set(layer_kinds(cfg.model))
-    if kinds != {"softmax"}:
-      raise MeshError(f"mesh.sequence={sizes['sequence']} (ring attention) runs attention kind "
-                      f"softmax only, not {', '.join(sorted(kinds - {'softmax'}))}")
-    if cfg.model.position == "alibi":
-      raise MeshError("mesh.sequence > 1 (ring attention) does not take model.position='alibi'")
+    from lmtrain.model import layer_kinds, mixers
+    from lmtrain.model.transformer import mixer_options
+    for kind in dict.fromkeys(layer_kinds(cfg.model)):
+      why = mixers.get(kind).sequence_parallel_error(mixer_options(cfg.model.attention, kind))
+      if why:
+        raise MeshError(f"mesh.sequence={sizes['sequence']} (sequence parallelism): {why}")
     if cfg.data.seq_len % (2 * sizes["sequence"]):
       raise MeshError(f"data.seq_len={cfg.data.seq_len} is not divisible by 2 x mesh.sequence "
                       f"= {2 * sizes['sequence']} (the zigzag layout of ring attention)")

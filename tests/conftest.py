@@ -18,10 +18,13 @@ SMALL_OVERRIDES = {
 }
 
 
-def small_config(arg=None, **overrides):
-  """configs/tiny.py shrunk for tests; overrides use dotted keys, e.g. {"train.steps": 5}."""
+def small_config(arg=None, *, resolve=True, **overrides):
+  """configs/tiny.py shrunk for tests; overrides use dotted keys, e.g. {"train.steps": 5}.
+  Returns the resolved config (lmtrain.config.finalize), as the entry points use it; with
+  resolve=False the raw one (to test validation)."""
   sys.path.insert(0, REPO)
   from configs import tiny
+  from lmtrain import config as config_lib
   cfg = tiny.get_config(arg)
   for key, value in {**SMALL_OVERRIDES, **overrides}.items():
     node = cfg
@@ -29,7 +32,7 @@ def small_config(arg=None, **overrides):
     for p in parents:
       node = node[p]
     node[leaf] = value
-  return cfg
+  return config_lib.finalize(cfg) if resolve else cfg
 
 
 def cli_args(config="configs/tiny.py", **overrides):

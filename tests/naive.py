@@ -63,8 +63,10 @@ def linear_attention(q, k, v, *, feature_map="elu1", log_gates=None, normalize=T
   return out
 
 
-def moba_blocks(q, k, block_size, top_k):
-  """chosen[b][h][t] = set of key blocks query t attends (own block + routed), by brute force."""
+def moba_blocks(q, k, block_size, top_k, seg=None):
+  """chosen[b][h][t] = set of key blocks query t attends (own block + routed), by brute force.
+  With segment ids, a block's mean is over the keys of the query's own document, and blocks
+  without any are not candidates."""
   q, k = np.asarray(q, np.float64), np.asarray(k, np.float64)
   b_, t_, hq, _ = q.shape
   hkv = k.shape[2]
@@ -76,9 +78,171 @@ def moba_blocks(q, k, block_size, top_k):
         own = t // block_size
         scores = []
         for j in range(own):  # blocks wholly before the query's own block
-          mean = k[b, j * block_size:(j + 1) * block_size, kh].mean(axis=0)
+          keys = [s for s in range(j * block_size, min((j + 1) * block_size, k.shape[1]))
+                  if seg is None or seg[b, s] == seg[b, t]]
+          if not keys:
+            continue
+          mean = np.mean([k[b, s, kh] for s in keys], axis=0)
           scores.append((float(q[b, t, h] @ mean), j))
         scores.sort(key=lambda x: -x[0])
         picked = {j for _, j in scores[:top_k - 1]}
         chosen[b, h, t] = picked | {own}
   return chosen
+
+
+# ---- whole token-mixer layers (params as nested dicts of float64 arrays) ----------------------
+
+def sigmoid(x):
+  return 1.0 / (1.0 + np.exp(-x))
+
+
+def silu(x):
+  return x * sigmoid(x)
+
+
+def log_sigmoid(x):
+  return -np.logaddexp(0.0, -x)
+
+
+def rope(x, positions, theta):
+  """x [T, H, D]: pairs (i, i + D/2) rotated by positions[t] * theta^(-2i/D), one at a time."""
+  out = np.array(x, np.float64)
+  d = x.shape[-1]
+  for t in range(x.shape[0]):
+    for i in range(d // 2):
+      angle = positions[t] * theta ** (-2.0 * i / d)
+      c, s = math.cos(angle), math.sin(angle)
+      a, b = x[t, :, i], x[t, :, i + d // 2]
+      out[t, :, i], out[t, :, i + d // 2] = a * c - b * s, b * c + a * s
+  return out
+
+
+def alibi_slopes(num_heads):
+  """Press et al.: 2^(-8 (h + 1) / H) for a power-of-two head count."""
+  assert num_heads & (num_heads - 1) == 0
+  return np.array([2.0 ** (-8.0 * (h + 1) / num_heads) for h in range(num_heads)])
+
+
+def project(x, kernel):
+  """x [B, T, D] times kernel [D, *out] -> [B, T, *out]."""
+  return np.tensordot(x, kernel, axes=([2], [0]))
+
+
+def unproject(o, kernel):
+  """o [B, T, H, Dv] times kernel [H, Dv, D] -> [B, T, D]."""
+  return np.tensordot(o, kernel, axes=([2, 3], [0, 1]))
+
+
+def block_mask_allows(i, j, local, global_blocks, stride):
+  """The local + global/sink + strided rule of a block-sparse mask, for one block pair."""
+  return ((i - local < j <= i) or (global_blocks > 0 and (j < global_blocks or i < global_blocks))
+          or (stride > 0 and (i - j) % stride == 0))
+
+
+def softmax_family_layer(kind, p, x, seg, positions, options):
+  """softmax / sliding_window / block_sparse / moba: projections, positions, the kind's pattern
+  within each packed document, output projection."""
+  q, k, v = (project(x, p[n]["kernel"]) for n in ("q_proj", "k_proj", "v_proj"))
+  if options.position == "rope":
+    q = np.stack([rope(q[b], positions[b], options.rope_theta) for b in range(len(q))])
+    k = np.stack([rope(k[b], positions[b], options.rope_theta) for b in range(len(k))])
+  chosen = None
+  if kind == "moba":
+    chosen = moba_blocks(q, k, options.block_size, options.top_k, seg)
+
+  def allowed(b, h, t, s):
+    if seg[b, t] != seg[b, s]:
+      return False
+    if kind == "sliding_window":
+      return t - options.window < s
+    if kind == "block_sparse":
+      return block_mask_allows(t // options.block_size, s // options.block_size,
+                               options.local_blocks, options.global_blocks, options.stride)
+    if kind == "moba":
+      return s // options.block_size in chosen[b, h, t]
+    return True
+
+  alibi = alibi_slopes(q.shape[2]) if options.position == "alibi" else None
+  o = softmax_attention(q, k, v, allowed, alibi=alibi)
+  return unproject(o, p["o_proj"]["kernel"])
+
+
+def short_conv(x, kernel, seg):
+  """x [B, T, H, D], kernel [K, H, D]: y_t = silu(sum_j kernel[K-1-j] x_{t-j}) within a document."""
+  out = np.zeros_like(x)
+  size = kernel.shape[0]
+  for b in range(x.shape[0]):
+    for t in range(x.shape[1]):
+      acc = np.zeros(x.shape[2:])
+      for j in range(size):
+        if t - j >= 0 and seg[b, t - j] == seg[b, t]:
+          acc = acc + kernel[size - 1 - j] * x[b, t - j]
+      out[b, t] = silu(acc)
+  return out
+
+
+def gated_recurrence(q, k, v, log_a, seg, *, normalize):
+  """S_t = diag(a_t) S_{t-1} + k_t v_t^T, o_t = S_t^T q_t, one token at a time; a_t [B, T, H, Dk]
+  (broadcast from a scalar per head), reset at each document start. normalize divides by
+  q_t . z_t with z_t = diag(a_t) z_{t-1} + k_t (+ 1e-6)."""
+  b_, t_, hq, dk = q.shape
+  hkv, dv = k.shape[2], v.shape[-1]
+  out = np.zeros((b_, t_, hq, dv))
+  for b in range(b_):
+    for h in range(hq):
+      kh = h // (hq // hkv)
+      S, z = np.zeros((dk, dv)), np.zeros(dk)
+      for t in range(t_):
+        if t > 0 and seg[b, t] != seg[b, t - 1]:
+          S, z = np.zeros((dk, dv)), np.zeros(dk)
+        a = np.exp(np.broadcast_to(log_a[b, t, h], (dk,)))
+        S = a[:, None] * S + np.outer(k[b, t, kh], v[b, t, kh])
+        z = a * z + k[b, t, kh]
+        o = q[b, t, h] @ S
+        out[b, t, h] = o / (q[b, t, h] @ z + 1e-6) if normalize else o
+  return out
+
+
+def head_rms_norm(o, scale, eps=1e-5):
+  return o / np.sqrt(np.mean(o * o, axis=-1, keepdims=True) + eps) * scale
+
+
+def linear_family_layer(kind, p, x, seg, positions, options):
+  """linear / simple_gla / gla: projections, optional short convolutions, the kind's feature
+  map, scale and gates, the gated recurrence, output norm and gate, output projection."""
+  del positions
+  q, k, v = (project(x, p[n]["kernel"]) for n in ("q_proj", "k_proj", "v_proj"))
+  if options.short_conv:
+    q, k, v = (short_conv(a, p[n]["kernel"], seg) for a, n in
+               ((q, "q_conv"), (k, "k_conv"), (v, "v_conv")))
+  b_, t_, hq, dk = q.shape
+  if kind == "linear":
+    q, k = phi(q, options.feature_map), phi(k, options.feature_map)
+    log_a = np.zeros((b_, t_, hq, 1))
+    normalize = options.normalize
+  elif kind == "simple_gla":
+    logits = project(x, p["gate_proj"]["kernel"]) + p["gate_proj"]["bias"]
+    log_a = (log_sigmoid(logits) / options.gate_logit_normalizer)[..., None]
+    q, normalize = q / math.sqrt(dk), False
+  elif kind == "gla":
+    low = project(x, p["gate_down"]["kernel"])
+    logits = project(low, p["gate_up"]["kernel"]) + p["gate_up"]["bias"]
+    log_a = log_sigmoid(logits) / options.gate_logit_normalizer
+    q, normalize = q / math.sqrt(dk), False
+  else:
+    raise KeyError(kind)
+  o = gated_recurrence(q, k, v, log_a, seg, normalize=normalize)
+  if options.output_norm:
+    o = head_rms_norm(o, p["o_norm"]["scale"])
+  if options.output_gate:
+    o = o * silu(project(x, p["g_proj"]["kernel"]))
+  return unproject(o, p["o_proj"]["kernel"])
+
+
+# kind -> oracle(kind, params, x [B, T, D], segment_ids [B, T], positions [B, T], options)
+LAYERS = {
+    "softmax": softmax_family_layer, "sliding_window": softmax_family_layer,
+    "block_sparse": softmax_family_layer, "moba": softmax_family_layer,
+    "linear": linear_family_layer, "simple_gla": linear_family_layer,
+    "gla": linear_family_layer,
+}

@@ -81,8 +81,7 @@ def test_impl_interpret_through_the_api_and_the_model():
   from lmtrain import config as config_lib
   from lmtrain.trainer import build_model
   from tests.conftest import small_config
-  cfg = small_config(**{"model.attention.impl": "interpret"})  # head dim 32 -> use 64
-  cfg.model.num_heads = 1
+  cfg = small_config(**{"model.attention.impl": "interpret", "model.num_heads": 1})  # head dim 64
   config_lib.validate(cfg)
   fns, init = build_model(cfg.model)
   params = init(jax.random.key(0))

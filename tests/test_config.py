@@ -1,8 +1,10 @@
 """Bad config values fail with one line naming the value and exit code 2, before compiling."""
+import json
+
 import pytest
 
 from lmtrain import config as config_lib
-from tests.conftest import cli_args, run_module, small_config
+from tests.conftest import REPO, cli_args, run_module, small_config
 
 
 def test_tiny_config_is_valid():
@@ -16,16 +18,17 @@ def test_tiny_config_is_valid():
     ({"train.steps": 0}, "train.steps=0"),
     ({"train.lr": -1.0}, "train.lr=-1.0"),
     ({"train.grad_accum": 3}, "train.grad_accum=3"),
-    ({"model.position": "sinusoid"}, "model.position='sinusoid'"),
+    ({"model.attention.softmax.position": "sinusoid"},
+     "model.attention.softmax.position='sinusoid'"),
     ({"model.dtype": "float8"}, "model.dtype='float8'"),
     ({"data.source": "text"}, "data.path must be set"),
     ({"data.source": "text", "data.path": "/nonexistent/corpus.txt"}, "/nonexistent/corpus.txt"),
     ({"data.path": "/tmp"}, "data.path='/tmp' is not used"),
     ({"mesh.data": 0}, "mesh.data=0"),
-    ({"model.attention.window": 64}, "model.attention.window=64"),
+    ({"model.attention.moba.top_k": 4}, "no layer uses attention kind 'moba'"),
 ])
 def test_validate_names_the_bad_value(overrides, needle):
-  cfg = small_config(**overrides)
+  cfg = small_config(resolve=False, **overrides)
   with pytest.raises(config_lib.ConfigError) as e:
     config_lib.validate(cfg)
   assert needle in str(e.value)
@@ -66,3 +69,64 @@ def test_parse_arg_types_and_errors():
   assert (v.attention, v.steps, v.lr, v.flag) == ("moba", 7, 0.5, True)
   with pytest.raises(config_lib.ConfigError, match="'nope'"):
     config_lib.parse_arg("nope=1", attention="softmax")
+
+
+@pytest.mark.parametrize("setter, needle", [
+    (lambda c: c.train.update(warmup=10), "train.warmup does not exist (did you mean train.warmup_steps?)"),
+    (lambda c: c.model.attention.update(windw=3),
+     "model.attention.windw does not exist (did you mean model.attention.sliding_window.window?)"),
+    (lambda c: c.model.attention.moba.update(topk=3),
+     "model.attention.moba.topk does not exist (did you mean model.attention.moba.top_k?)"),
+    (lambda c: c.model.update(position="alibi"), "model.position is not a field any more"),
+])
+def test_unknown_fields_in_a_config_file_name_the_nearest(setter, needle):
+  from configs import tiny
+  cfg = tiny.get_config()
+  setter(cfg)
+  with pytest.raises(config_lib.ConfigError) as e:
+    config_lib.finalize(cfg)
+  assert needle in str(e.value), str(e.value)
+
+
+def test_a_misspelled_field_in_a_config_file_exits_2_in_one_line(tmp_path):
+  path = tmp_path / "mine.py"
+  path.write_text("from configs import tiny\n\n"
+                  "def get_config(arg=None):\n"
+                  "  c = tiny.get_config('attention=sliding_window')\n"
+                  "  c.model.attention.sliding_window.update(windw=3)\n"
+                  "  return c\n")
+  proc = run_module("lmtrain.train", ["--config", str(path), "--workdir", str(tmp_path / "w")],
+                    timeout=120, env={"PYTHONPATH": REPO})
+  assert proc.returncode == 2, proc.stderr
+  lines = [l for l in proc.stderr.strip().splitlines() if l.strip()]
+  assert len(lines) == 1, proc.stderr
+  assert "model.attention.sliding_window.windw" in lines[0]
+  assert "did you mean model.attention.sliding_window.window?" in lines[0]
+  assert not (tmp_path / "w").exists()
+
+
+def test_sizes_that_derive_from_seq_len_are_resolved_after_overrides():
+  from configs import tiny
+  cfg = tiny.get_config("attention=sliding_window")
+  cfg.data.seq_len = 4096  # what --config.data.seq_len=4096 does, after get_config
+  assert config_lib.finalize(cfg).model.attention.sliding_window.window == 1024
+  cfg = tiny.get_config("attention=moba")
+  cfg.data.seq_len = 4096
+  moba = config_lib.finalize(cfg).model.attention.moba
+  assert (moba.block_size, moba.top_k) == (512, 3)
+  cfg = tiny.get_config("attention=sliding_window")
+  cfg.model.attention.sliding_window.window = 100  # an explicit value is kept
+  cfg.data.seq_len = 4096
+  assert config_lib.finalize(cfg).model.attention.sliding_window.window == 100
+
+
+def test_the_resolved_config_keeps_only_the_kinds_in_use_with_every_default():
+  from configs import tiny
+  resolved = config_lib.finalize(tiny.get_config("attention=hybrid"))
+  a = resolved.model.attention
+  kinds = sorted(k for k in a.keys() if k not in ("kind", "impl", "layer_pattern"))
+  assert kinds == ["linear", "softmax"]
+  assert a.linear.chunk_size == 64 and a.linear.normalize is True
+  assert a.softmax.position == "rope"
+  assert "null" not in json.dumps(a.to_dict())
+  assert resolved.model.head_dim == 64  # derived sizes are recorded, not null

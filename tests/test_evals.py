@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from lmtrain.data import ByteTokenizer
-from lmtrain.data.mqar import FILLER, KEYS, VALUES, mqar_row
+from lmtrain.data.mqar import mqar_row
 from lmtrain.evals import needle
 from lmtrain.evals.mqar import mqar_grid
 from lmtrain.evals.perplexity import (disjoint_windows, evaluate_rows, heldout_stream,
@@ -151,21 +151,49 @@ def test_effective_length_is_the_longest_that_stays_above_threshold():
 
 # ---- MQAR ------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("seq_len,pairs", [(64, 4), (64, 16), (256, 32), (33, 8)])
-def test_mqar_rows_keys_values_disjoint_and_answers_in_context(seq_len, pairs):
+@pytest.mark.parametrize("seq_len,pairs,vocab", [(64, 4, 256), (64, 16, 256), (256, 64, 256),
+                                                (32, 8, 20)])
+def test_mqar_rows_follow_zoology(seq_len, pairs, vocab):
+  """Zoology's multiquery_ar: keys without replacement from [1, V/2), values without replacement
+  from [V/2, V), k v pairs first, each key queried once at an even offset after them, the value
+  predicted while reading the key, everything else random."""
+  half = vocab // 2
   for index in range(5):
-    r = mqar_row(3, index, seq_len=seq_len, num_pairs=pairs)
+    r = mqar_row(3, index, seq_len=seq_len, num_pairs=pairs, vocab_size=vocab)
     tokens, targets, mask = r["tokens"], r["targets"], r["loss_mask"]
-    assert tokens.shape == (seq_len,)
-    assert set(KEYS).isdisjoint(VALUES) and FILLER not in set(KEYS) | set(VALUES)
+    assert tokens.shape == (seq_len,) and tokens.min() >= 0 and tokens.max() < vocab
     keys, values = tokens[0:2 * pairs:2], tokens[1:2 * pairs:2]
-    assert len(set(keys.tolist())) == pairs and set(keys.tolist()) <= set(KEYS.tolist())
-    assert set(values.tolist()) <= set(VALUES.tolist())
+    assert len(set(keys.tolist())) == pairs and keys.min() >= 1 and keys.max() < half
+    assert len(set(values.tolist())) == pairs and values.min() >= half
     table = dict(zip(keys.tolist(), values.tolist()))
     queries = np.flatnonzero(mask)
     assert len(queries) == pairs and np.all(queries >= 2 * pairs)
-    for p in queries:  # each query is a key seen earlier; its target is that key's value
+    assert np.all((queries - 2 * pairs) % 2 == 0)
+    assert sorted(tokens[queries].tolist()) == sorted(keys.tolist())  # every key once
+    for p in queries:  # the target is the queried key's value, scored at the key itself
       assert targets[p] == table[int(tokens[p])]
+      assert r["query_distance"][p] == p - 2 * keys.tolist().index(int(tokens[p]))
+
+
+def test_mqar_gaps_follow_the_power_law_and_filler_is_random():
+  from lmtrain.data.mqar import gap_probabilities
+  seq_len, pairs = 64, 4
+  space = (seq_len - 2 * pairs) // 2
+  first_gap, zeros = 0, 0
+  n = 2000
+  for index in range(n):
+    r = mqar_row(11, index, seq_len=seq_len, num_pairs=pairs)
+    gaps = (np.flatnonzero(r["loss_mask"]) - 2 * pairs) // 2
+    first_gap += int(0 in gaps)
+    zeros += int(np.sum(r["tokens"] == 0))
+  # P(gap 0 among the 4 drawn without replacement) from the power law, by simulation
+  rng = np.random.default_rng(0)
+  p = gap_probabilities(space, 0.01)
+  want = np.mean([0 in rng.choice(space, 4, replace=False, p=p) for _ in range(4000)])
+  assert abs(first_gap / n - want) < 0.05 and want > 4 / space * 2  # skewed towards 0
+  assert zeros / (n * seq_len) < 0.01  # Zoology's blanks are replaced by random ids
+  plain = mqar_row(1, 0, seq_len=seq_len, num_pairs=pairs, random_non_queries=False)
+  assert np.sum(plain["tokens"] == 0) == seq_len - 3 * pairs  # pairs, then one query each
 
 
 def test_mqar_eval_of_a_perfect_recaller_is_one():
@@ -175,10 +203,11 @@ def test_mqar_eval_of_a_perfect_recaller_is_one():
   r = mqar_grid(Oracle(), None, pairs=[2, 8, 64], lengths=[32, 64], samples=4, batch_tokens=256)
   assert r["accuracy"] == [[1.0, 1.0], [1.0, 1.0], [None, None]]
   assert r["mean_accuracy"] == 1.0
+  assert r["by_distance"] and all(b["accuracy"] == 1.0 for b in r["by_distance"])
 
 
 def test_mqar_source_trains_through_the_pipeline():
-  cfg = small_config(**{"data.source": "mqar", "data.mqar_num_pairs": 4})
+  cfg = small_config(**{"data.source": "mqar", "data.mqar_num_pairs": "4"})
   from lmtrain.data import train_dataset
   batch = next(iter(train_dataset(cfg)))
   assert batch["tokens"].shape == (8, 64) and batch["loss_mask"].sum() == 8 * 4

@@ -122,15 +122,15 @@ def test_float64_inputs_get_a_one_line_error():
     linear_attention_tpu(q, q, q, interpret=pltpu.InterpretParams())
 
 
-@pytest.mark.parametrize("variant", ["linear", "gla"])
+@pytest.mark.parametrize("variant", ["linear", "simple_gla"])
 def test_the_model_runs_the_kernel_with_impl_interpret(variant):
   """The model's attention.impl reaches the kernel: logits and parameter gradients equal the
-  XLA chunked form's (gla: data-dependent gates from a learned projection)."""
+  XLA chunked form's (simple_gla: data-dependent gates from a learned projection)."""
   from lmtrain import config as config_lib
   from lmtrain.trainer import build_model
   from tests.conftest import small_config
   cfg = small_config(f"attention={variant}", **{"model.attention.impl": "interpret",
-                                 "model.attention.chunk_size": 8})
+                                                f"model.attention.{variant}.chunk_size": 8})
   config_lib.validate(cfg)
   fns, init = build_model(cfg.model)
   params = init(jax.random.key(0))

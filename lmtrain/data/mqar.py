@@ -1,60 +1,109 @@
-"""MQAR, multi-query associative recall (Arora et al., "Zoology", 2023), as a data source.
+"""MQAR, multi-query associative recall, as Zoology generates it (Arora et al., 2023, "Zoology:
+Measuring and Improving Recall in Efficient Language Models", `multiquery_ar` in
+HazyResearch/zoology), as a data source.
 
-A row holds `num_pairs` key-value pairs, then the keys again as queries at random places; the
-model must emit each key's value right after the query. Only those answers are scored
-(loss_mask), so the loss measures recall alone.
+One example of `seq_len` tokens over a vocabulary of `vocab_size` ids:
+  - keys are drawn without replacement from [1, V/2), values without replacement from [V/2, V);
+  - the first 2 * num_pairs tokens are k1 v1 k2 v2 ...;
+  - every key is queried once, at position 2 * num_pairs + 2 * gap, with the gaps drawn without
+    replacement from range((seq_len - 2 * num_pairs) // 2) with probability proportional to
+    (gap + 1) ** (power_a - 1) (a power law: most queries come soon after the pairs);
+  - the token after a query is not its value: the model must predict the value while reading the
+    key, and only those predictions are scored (loss_mask), one per pair;
+  - every other token (Zoology's 0 blank) is replaced by a random id from [0, V) when
+    random_non_queries (Zoology's default), so finding the queries is part of the task.
 
-Token layout (fits the byte tokenizer's 258 ids): 0 is the filler between queries, keys are
-1..128 and values 129..256. Rows are a pure function of (seed, index), so a grain MapDataset of
-them is random-access, shardable and exactly resumable.
+Correspondence with Zoology: the same layout, distributions and scoring. Two differences, both
+for a random-access, shardable, exactly resumable grain source: each row has its own generator
+seeded by (seed, index) (Zoology seeds numpy once per dataset), and rows are generated on the fly
+rather than as a fixed set of 100k training examples (so there are no epochs; a step count plays
+that role). Zoology's vocabulary is 8192; ours defaults to 256 so that it fits the byte-level
+model (data.mqar_vocab_size, at most model.vocab_size), whatever the tokenizer.
 """
 from __future__ import annotations
 
 import grain
 import numpy as np
 
-FILLER = 0
-KEYS = np.arange(1, 129)
-VALUES = np.arange(129, 257)
+
+def max_pairs(seq_len: int, vocab_size: int = 256) -> int:
+  """Pairs and their queries take 4 tokens each; keys come from [1, V/2) without replacement."""
+  return min(seq_len // 4, vocab_size // 2 - 1, vocab_size - vocab_size // 2)
 
 
-def max_pairs(seq_len: int) -> int:
-  """Pairs take 2 tokens and their queries 2 more: at most seq_len // 4 pairs fit (+1 target)."""
-  return (seq_len + 1) // 4
+def check(seq_len: int, num_pairs: int, vocab_size: int) -> None:
+  if seq_len % 2:
+    raise ValueError(f"mqar: seq_len={seq_len} must be even (pairs and queries take 2 tokens)")
+  if not 1 <= num_pairs <= max_pairs(seq_len, vocab_size):
+    raise ValueError(f"mqar: num_pairs={num_pairs} does not fit seq_len={seq_len} and "
+                     f"vocab_size={vocab_size} (1..{max_pairs(seq_len, vocab_size)})")
 
 
-def mqar_row(seed: int, index: int, *, seq_len: int, num_pairs: int) -> dict:
-  """One example as int32 arrays [seq_len] (tokens, targets, segment_ids, positions, loss_mask)."""
-  if not 1 <= num_pairs <= min(max_pairs(seq_len), len(KEYS)):
-    raise ValueError(f"mqar: num_pairs={num_pairs} does not fit seq_len={seq_len} "
-                     f"(1..{min(max_pairs(seq_len), len(KEYS))})")
+def gap_probabilities(space: int, power_a: float) -> np.ndarray:
+  """Zoology's power law over query gaps 0 .. space - 1: p(g) ~ power_a * (g + 1)^(power_a - 1)."""
+  p = power_a * np.arange(1, space + 1, dtype=np.float64) ** (power_a - 1)
+  return p / p.sum()
+
+
+def mqar_row(seed: int, index: int, *, seq_len: int, num_pairs: int, vocab_size: int = 256,
+             power_a: float = 0.01, random_non_queries: bool = True) -> dict:
+  """One example as int32 arrays [seq_len] (tokens, targets, segment_ids, positions, loss_mask)
+  plus `query_distance` [seq_len]: for a scored position, how many tokens back its key-value pair
+  starts (what a sliding window must span to answer it), else 0."""
+  check(seq_len, num_pairs, vocab_size)
   rng = np.random.default_rng([seed, index])
-  keys = rng.choice(KEYS, size=num_pairs, replace=False)
-  values = rng.choice(VALUES, size=num_pairs, replace=True)
-  seq = np.full(seq_len + 1, FILLER, np.int32)  # one extra: the last target
-  seq[0:2 * num_pairs:2] = keys
-  seq[1:2 * num_pairs:2] = values
-  # Queries: each key once, in random order, at distinct random slots after the pairs; a query
-  # at slot p puts the key at p and the value (the answer) at p + 1.
-  free = (seq_len + 1 - 2 * num_pairs) // 2
-  slots = 2 * num_pairs + 2 * np.sort(rng.choice(free, size=num_pairs, replace=False))
-  order = rng.permutation(num_pairs)
-  seq[slots] = keys[order]
-  seq[slots + 1] = values[order]
+  half = vocab_size // 2
+  keys = rng.choice(np.arange(1, half), size=num_pairs, replace=False)
+  values = rng.choice(np.arange(half, vocab_size), size=num_pairs, replace=False)
+  context = 2 * num_pairs
+  space = (seq_len - context) // 2
+  gaps = rng.choice(space, size=num_pairs, replace=False, p=gap_probabilities(space, power_a))
+  inputs = np.zeros(seq_len, np.int64)
+  inputs[0:context:2] = keys
+  inputs[1:context:2] = values
+  query_pos = context + 2 * gaps  # pair i's key is queried at query_pos[i]
+  inputs[query_pos] = keys
+  targets = np.zeros(seq_len, np.int64)
+  targets[query_pos] = values  # predicted while reading the key (Zoology's shifted labels)
   loss_mask = np.zeros(seq_len, np.int32)
-  loss_mask[slots] = 1  # position p's target is seq[p + 1], the value
-  return {"tokens": seq[:-1].copy(), "targets": seq[1:].copy(),
+  loss_mask[query_pos] = 1
+  distance = np.zeros(seq_len, np.int32)
+  distance[query_pos] = query_pos - 2 * np.arange(num_pairs)
+  if random_non_queries:
+    blank = inputs == 0
+    inputs[blank] = rng.integers(vocab_size, size=seq_len)[blank]
+  return {"tokens": inputs.astype(np.int32), "targets": targets.astype(np.int32),
           "segment_ids": np.ones(seq_len, np.int32),
-          "positions": np.arange(seq_len, dtype=np.int32), "loss_mask": loss_mask}
+          "positions": np.arange(seq_len, dtype=np.int32), "loss_mask": loss_mask,
+          "query_distance": distance}
 
 
-def mqar_dataset(*, seed: int, seq_len: int, num_pairs: int, batch_size: int,
+def parse_pairs(text) -> list[int]:
+  """data.mqar_num_pairs: one count, or a comma list that rows draw from uniformly (a mixture,
+  as Zoology's multi-segment training sets)."""
+  return [int(x) for x in str(text).split(",") if x.strip()]
+
+
+def mqar_dataset(*, seed: int, seq_len: int, num_pairs, batch_size: int,
+                 vocab_size: int = 256, power_a: float = 0.01, random_non_queries: bool = True,
                  process_index: int = 0, process_count: int = 1,
                  num_rows: int | None = None) -> grain.IterDataset:
-  """Batches of MQAR rows; endless unless num_rows is given. Hosts take disjoint rows."""
+  """Batches of MQAR rows (the model's batch keys); endless unless num_rows is given. Hosts take
+  disjoint rows. num_pairs: an int or a list / comma list to draw each row's count from."""
+  choices = parse_pairs(num_pairs) if isinstance(num_pairs, str) else (
+      list(num_pairs) if isinstance(num_pairs, (list, tuple)) else [int(num_pairs)])
+  for n in choices:
+    check(seq_len, n, vocab_size)
   n = num_rows if num_rows is not None else 2 ** 40
   ds = grain.MapDataset.range(n)
   if process_count > 1:
     ds = ds[process_index::process_count]
-  ds = ds.map(lambda i: mqar_row(seed, int(i), seq_len=seq_len, num_pairs=num_pairs))
-  return ds.to_iter_dataset().batch(batch_size, drop_remainder=True)
+
+  def row(i):
+    n = choices[np.random.default_rng([seed, int(i), 1]).integers(len(choices))]
+    r = mqar_row(seed, int(i), seq_len=seq_len, num_pairs=n, vocab_size=vocab_size,
+                 power_a=power_a, random_non_queries=random_non_queries)
+    del r["query_distance"]
+    return r
+
+  return ds.map(row).to_iter_dataset().batch(batch_size, drop_remainder=True)

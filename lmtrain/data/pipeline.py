@@ -67,6 +67,12 @@ def packed_dataset(documents, tokenizer, *, seq_len: int, batch_size: int,
   return it.map(_to_model_batch)
 
 
+def mqar_options(data_cfg) -> dict:
+  """The generator settings of data.mqar_* (vocabulary, power law, random filler)."""
+  return {"vocab_size": data_cfg.mqar_vocab_size, "power_a": data_cfg.mqar_power_a,
+          "random_non_queries": data_cfg.mqar_random_non_queries}
+
+
 # MQAR rows of the held-out split come from another seed than the training rows.
 MQAR_HELDOUT_SEED_OFFSET = 1_000_003
 
@@ -80,7 +86,8 @@ def train_dataset(cfg, *, process_index: int = 0, process_count: int = 1) -> gra
     return mqar_dataset(seed=cfg.train.seed, seq_len=cfg.data.seq_len,
                         num_pairs=cfg.data.mqar_num_pairs,
                         batch_size=cfg.data.batch_size // process_count,
-                        process_index=process_index, process_count=process_count)
+                        process_index=process_index, process_count=process_count,
+                        **mqar_options(cfg.data))
   docs = load_documents(cfg.data, "train")
   return packed_dataset(docs, get_tokenizer(cfg.data.tokenizer), seq_len=cfg.data.seq_len,
                         batch_size=cfg.data.batch_size // process_count, seed=cfg.train.seed,
@@ -96,7 +103,7 @@ def heldout_batches(cfg, *, num_batches: int | None = None, seq_len: int | None 
     return list(mqar_dataset(seed=cfg.train.seed + MQAR_HELDOUT_SEED_OFFSET,
                              seq_len=seq_len or cfg.data.seq_len,
                              num_pairs=cfg.data.mqar_num_pairs, batch_size=bs,
-                             num_rows=n * bs))
+                             num_rows=n * bs, **mqar_options(cfg.data)))
   docs = load_documents(cfg.data, "heldout")
   it = packed_dataset(docs, get_tokenizer(cfg.data.tokenizer),
                       seq_len=seq_len or cfg.data.seq_len,

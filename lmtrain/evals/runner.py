@@ -7,6 +7,7 @@ import os
 import jax
 import numpy as np
 
+from lmtrain.data.pipeline import mqar_options
 from lmtrain.data.sources import load_documents
 from lmtrain.data.tokenizers import get_tokenizer
 from lmtrain.evals import extrapolation as extrap
@@ -85,7 +86,7 @@ class EvalSuite:
     lengths = parse_list(self.e.mqar_lengths) or [self.t]
     return mqar.mqar_grid(self.scorer, params, pairs=parse_list(self.e.mqar_pairs),
                           lengths=lengths, samples=self.e.mqar_samples,
-                          batch_tokens=self.e.batch_tokens)
+                          batch_tokens=self.e.batch_tokens, **mqar_options(self.cfg.data))
 
   def _natural_text(self, num_bytes: int) -> bytes:
     docs = load_documents(self.cfg.data, "heldout")

@@ -17,14 +17,16 @@ def positions_from_segments(segment_ids_BT):
 
 
 def apply_rope(x_BTHD, positions_BT, *, theta: float = 10000.0):
-  """Rotates pairs (x[i], x[i + D/2]) by angle pos * theta^(-2i/D); computed in fp32."""
+  """Rotates pairs (x[i], x[i + D/2]) by angle pos * theta^(-2i/D); computed in fp32 (fp64 for
+  fp64 inputs)."""
   d = x_BTHD.shape[-1]
   half = d // 2
-  inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) * 2.0 / d)
-  angle_BTF = positions_BT.astype(jnp.float32)[..., None] * inv_freq
+  ct = jnp.promote_types(x_BTHD.dtype, jnp.float32)
+  inv_freq = theta ** (-jnp.arange(half, dtype=ct) * 2.0 / d)
+  angle_BTF = positions_BT.astype(ct)[..., None] * inv_freq
   sin = jnp.sin(angle_BTF)[:, :, None, :]
   cos = jnp.cos(angle_BTF)[:, :, None, :]
-  x1, x2 = jnp.split(x_BTHD.astype(jnp.float32), 2, axis=-1)
+  x1, x2 = jnp.split(x_BTHD.astype(ct), 2, axis=-1)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return out.astype(x_BTHD.dtype)
 

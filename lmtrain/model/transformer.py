@@ -1,63 +1,37 @@
 """The decoder-only Transformer: embed, L pre-norm blocks (attention + SwiGLU), norm, logits."""
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lmtrain.model import mixers
 from lmtrain.model import positions as pos
-from lmtrain.model.attention import Attention
+from lmtrain.model.dims import ModelDims
 from lmtrain.model.layers import INIT_STD, SwiGLU, dropout, normal_init, rms_norm
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
-
-@dataclasses.dataclass(frozen=True)
-class ModelDims:
-  """The resolved numbers of the `model` config subtree (head_dim derived, dtype resolved)."""
-  vocab_size: int
-  num_layers: int
-  d_model: int
-  num_heads: int
-  num_kv_heads: int
-  head_dim: int
-  mlp_dim: int
-  position: str
-  rope_theta: float
-  tie_embeddings: bool
-  compute_dtype: jnp.dtype
-  dropout_rate: float
-  layer_kinds: tuple[str, ...]
-
-  @classmethod
-  def from_config(cls, cfg) -> "ModelDims":
-    head_dim = cfg.head_dim or cfg.d_model // cfg.num_heads
-    return cls(vocab_size=cfg.vocab_size, num_layers=cfg.num_layers, d_model=cfg.d_model,
-               num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, head_dim=head_dim,
-               mlp_dim=cfg.mlp_dim, position=cfg.position, rope_theta=cfg.rope_theta,
-               tie_embeddings=cfg.tie_embeddings, compute_dtype=DTYPES[cfg.dtype],
-               dropout_rate=cfg.dropout_rate, layer_kinds=layer_kinds(cfg))
-
-
-def layer_kinds(cfg) -> tuple[str, ...]:
-  """The attention kind of each layer: attention.layer_pattern repeated over the depth."""
-  pattern = cfg.attention.layer_pattern
-  if not pattern:
-    return (cfg.attention.kind,) * cfg.num_layers
-  kinds = [p.strip() for p in pattern.split(",")]
-  return tuple(kinds[i % len(kinds)] for i in range(cfg.num_layers))
+def mixer_options(attn_cfg, kind: str):
+  """The resolved options of `kind` from model.attention.<kind> (see lmtrain.config.finalize)."""
+  options = mixers.get(kind).Options.from_config(attn_cfg.get(kind))
+  unresolved = [f for f, v in options.to_dict().items() if v is None]
+  if unresolved:
+    raise ValueError(f"model.attention.{kind}.{unresolved[0]} is unresolved: build the model from "
+                     "a config passed through lmtrain.config.finalize")
+  return options
 
 
 class Block(nnx.Module):
-  """x + attn(norm(x)), then x + mlp(norm(x))."""
+  """x + mixer(norm(x)), then x + mlp(norm(x)); the mixer is the layer's attention kind."""
 
-  def __init__(self, dims: ModelDims, attn_cfg, kind: str, *, rngs: nnx.Rngs):
+  def __init__(self, dims: ModelDims, attn_cfg, layer: int, *, rngs: nnx.Rngs):
     out_std = INIT_STD / math.sqrt(2 * dims.num_layers)  # GPT-2 scaling of residual writes
+    kind = dims.layer_kinds[layer]
     self.attn_norm = rms_norm(dims.d_model, dims, rngs)
-    self.attn = Attention(dims, attn_cfg, kind, out_std=out_std, rngs=rngs)
+    self.attn = mixers.get(kind)(dims, mixer_options(attn_cfg, kind), layer=layer,
+                                 impl=attn_cfg.impl, out_std=out_std, rngs=rngs)
     self.mlp_norm = rms_norm(dims.d_model, dims, rngs)
     self.mlp = SwiGLU(dims, out_std=out_std, rngs=rngs)
     self.dropout_rate = dims.dropout_rate
@@ -69,6 +43,10 @@ class Block(nnx.Module):
     h = self.mlp(self.mlp_norm(x_BTD))
     return x_BTD + dropout(h, self.dropout_rate, rngs[1])
 
+  def mlp_residual(self, x):
+    """x + mlp(norm(x)) without dropout (decoding)."""
+    return x + self.mlp(self.mlp_norm(x))
+
 
 class Transformer(nnx.Module):
   """model(tokens [B, T] int32, segment_ids [B, T] or None) -> logits [B, T, V] float32."""
@@ -78,8 +56,8 @@ class Transformer(nnx.Module):
     self.dims = dims
     self.embed = nnx.Embed(dims.vocab_size, dims.d_model, dtype=dims.compute_dtype,
                            embedding_init=normal_init(("vocab", "embed")), rngs=rngs)
-    self.blocks = nnx.List([Block(dims, cfg.attention, kind, rngs=rngs)
-                            for kind in dims.layer_kinds])
+    self.blocks = nnx.List([Block(dims, cfg.attention, i, rngs=rngs)
+                            for i in range(dims.num_layers)])
     self.final_norm = rms_norm(dims.d_model, dims, rngs)
     if not dims.tie_embeddings:
       self.unembed = nnx.Linear(dims.d_model, dims.vocab_size, use_bias=False,
@@ -94,9 +72,43 @@ class Transformer(nnx.Module):
     for i, block in enumerate(self.blocks):
       rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, i)
       x = block(x, positions_BT, segment_ids_BT, rng)
-    x = self.final_norm(x)
+    return self.logits(x)
+
+  def logits(self, x_BTD):
+    x = self.final_norm(x_BTD)
     if self.dims.tie_embeddings:
       logits = self.embed.attend(x)
     else:
       logits = self.unembed(x)
     return logits.astype(jnp.float32)
+
+  # -- decoding (lmtrain.generate): each mixer owns its cache --------------------------------
+
+  def init_cache(self, batch: int, max_len: int) -> list:
+    return [block.attn.init_cache(batch, max_len) for block in self.blocks]
+
+  def prefill(self, tokens_BT, lengths_B, cache):
+    """Right-padded prompts (row b's tokens are tokens[b, :lengths[b]]) through the training
+    forward, filling the caches: (logits [B, T, V], cache)."""
+    t = tokens_BT.shape[1]
+    valid = jnp.arange(t)[None, :] < lengths_B[:, None]
+    segment_ids = valid.astype(jnp.int32)  # the padding is a segment of its own (id 0)
+    positions = jnp.broadcast_to(jnp.arange(t), tokens_BT.shape)
+    x = self.embed(tokens_BT)
+    new_cache = []
+    for block, layer_cache in zip(self.blocks, cache):
+      h, layer_cache = block.attn.prefill(block.attn_norm(x), positions, segment_ids, lengths_B,
+                                          layer_cache)
+      x = block.mlp_residual(x + h)
+      new_cache.append(layer_cache)
+    return self.logits(x), new_cache
+
+  def decode(self, token_B, position_B, cache):
+    """One token per row at position_B (its index in the row): (logits [B, V], cache)."""
+    x = self.embed(token_B)
+    new_cache = []
+    for block, layer_cache in zip(self.blocks, cache):
+      h, layer_cache = block.attn.decode(block.attn_norm(x), position_B, layer_cache)
+      x = block.mlp_residual(x + h)
+      new_cache.append(layer_cache)
+    return self.logits(x), new_cache

@@ -4,8 +4,8 @@ from __future__ import annotations
 from pallas_kernels import _common
 from pallas_kernels.linear.pallas_gpu import linear_attention_gpu
 from pallas_kernels.linear.pallas_tpu import linear_attention_tpu
-from pallas_kernels.linear.reference import (FEATURE_MAPS, init_state, linear_chunked,
-                                             linear_step)
+from pallas_kernels.linear.reference import (FEATURE_MAPS, final_state, init_state,
+                                             linear_chunked, linear_step)
 
 _NAME = "linear_attention"
 _IMPLS = ("auto", "reference", "xla", "pallas", "interpret", "interpret_gpu")
@@ -35,17 +35,23 @@ def _check(q, k, v, decay, feature_map, chunk_size):
     raise ValueError(f"{_NAME}: query heads {hq} are not a multiple of key/value heads {k.shape[2]}")
   if feature_map not in FEATURE_MAPS:
     raise ValueError(f"{_NAME}: feature_map={feature_map!r} is not one of {', '.join(FEATURE_MAPS)}")
-  if decay is not None and decay.shape not in ((hq,), (b, t, hq)):
-    raise ValueError(f"{_NAME}: decay{decay.shape} must be [Hq] = ({hq},) or [B, T, Hq] = "
-                     f"{(b, t, hq)}")
+  if decay is not None and decay.shape not in ((hq,), (b, t, hq), (b, t, hq, d)):
+    raise ValueError(f"{_NAME}: decay{decay.shape} must be [Hq] = ({hq},), [B, T, Hq] = "
+                     f"{(b, t, hq)} or [B, T, Hq, D] = {(b, t, hq, d)}")
   if not isinstance(chunk_size, int) or chunk_size <= 0:
     raise ValueError(f"{_NAME}: chunk_size={chunk_size!r} must be a positive int")
 
 
-def resolve_impl(impl: str) -> str:
+def kernel_takes(decay) -> bool:
+  """The Pallas kernels take scalar decay (none, per head, per token and head); per-key-dimension
+  gates (GLA) run on the chunked jnp form only, for now."""
+  return decay is None or decay.ndim < 4
+
+
+def resolve_impl(impl: str, decay=None) -> str:
   if impl != "auto":
     return impl
-  if _common.backend() in AUTO_PALLAS and kernel_for("pallas"):
+  if _common.backend() in AUTO_PALLAS and kernel_for("pallas") and kernel_takes(decay):
     return "pallas"
   return "xla"
 
@@ -54,8 +60,10 @@ def linear_attention(q, k, v, *, feature_map="elu1", decay=None, normalize=True,
                      segment_ids=None, impl="auto"):
   """Causal linear attention, q [B, T, Hq, D], k [B, T, Hkv, D], v [B, T, Hkv, Dv].
 
-  decay: None; per-head log-decay [Hq] (constant, RetNet style); or per-token log-gates
-  [B, T, Hq] (data-dependent, GLA style); values <= 0. See reference.py for the formula.
+  decay: None; per-head log-decay [Hq] (constant, RetNet style); per-token log-gates [B, T, Hq]
+  (data-dependent, Mamba-2 / simple GLA style); or per-token, per-key-dimension log-gates
+  [B, T, Hq, D] (GLA, Yang et al., 2024: jnp impls only so far); values <= 0. See reference.py
+  for the formula.
   segment_ids [B, T] (contiguous runs, an lmtrain extension): no state crosses a segment
   boundary, so packed documents are independent.
   impl "reference" and "xla" both run the chunked jnp form (XLA compiles it); the parallel and
@@ -65,11 +73,14 @@ def linear_attention(q, k, v, *, feature_map="elu1", decay=None, normalize=True,
   _check(q, k, v, decay, feature_map, chunk_size)
   if segment_ids is not None and segment_ids.shape != q.shape[:2]:
     raise ValueError(f"{_NAME}: segment_ids{segment_ids.shape} must be [B, T] = {q.shape[:2]}")
-  impl = resolve_impl(impl)
+  impl = resolve_impl(impl, decay)
   kwargs = dict(feature_map=feature_map, decay=decay, normalize=normalize, chunk_size=chunk_size,
                 segment_ids=segment_ids)
   if impl in ("reference", "xla"):
     return linear_chunked(q, k, v, **kwargs)
+  if not kernel_takes(decay):
+    raise ValueError(f"{_NAME}: impl={impl!r}: the Pallas kernels take scalar decay only; "
+                     "per-key-dimension gates [B, T, Hq, D] run on impl='xla' (or 'auto')")
   return _common.call_kernel(KERNELS, impl, _NAME, q, k, v, **kwargs)
 
 
@@ -78,7 +89,8 @@ def linear_attention_step(state, q_t, k_t, v_t, *, feature_map="elu1", decay=Non
   """The recurrent form for decoding one token.
 
   state: from `linear_attention_init_state(B, Hq, D, Dv)` (or a previous step); q_t [B, Hq, D],
-  k_t [B, Hkv, D], v_t [B, Hkv, Dv]; decay None | [Hq] | [B, Hq] (this token's log-gates).
+  k_t [B, Hkv, D], v_t [B, Hkv, Dv]; decay None | [Hq] | [B, Hq] | [B, Hq, D] (this token's
+  log-gates).
   Returns (state, o_t [B, Hq, Dv]).
   """
   if feature_map not in FEATURE_MAPS:
@@ -89,3 +101,4 @@ def linear_attention_step(state, q_t, k_t, v_t, *, feature_map="elu1", decay=Non
 
 
 linear_attention_init_state = init_state
+linear_attention_state = final_state

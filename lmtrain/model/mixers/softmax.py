@@ -1,0 +1,194 @@
+"""`softmax`: causal softmax attention (Vaswani et al., 2017, "Attention Is All You Need"), and
+the base of every softmax-family kind (projections, positions, the options they share).
+
+Positions: RoPE (Su et al., 2021, "RoFormer"), ALiBi (Press et al., 2022, "Train Short, Test
+Long") or none. GQA/MQA by model.num_kv_heads.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+import pallas_kernels
+from lmtrain.config_error import ConfigError
+from lmtrain.model import positions as pos
+from lmtrain.model.layers import normal_init
+from lmtrain.model.mixers import register
+from lmtrain.model.mixers.base import Context, Mixer, MixerOptions
+
+POSITIONS = ("rope", "alibi", "none")
+PALLAS_IMPLS = ("pallas", "interpret", "interpret_gpu")
+
+
+@dataclasses.dataclass(frozen=True)
+class SoftmaxOptions(MixerOptions):
+  position: str = "rope"  # rope | alibi | none
+  rope_theta: float = 10000.0
+
+  def validate(self, ctx: Context) -> None:
+    ctx.one_of(self, "position", POSITIONS)
+    if self.position == "rope" and ctx.dims.head_dim % 2:
+      ctx.fail("position", self.position, f"needs an even head dim; got {ctx.dims.head_dim}")
+    if not self.rope_theta > 0:
+      ctx.fail("rope_theta", self.rope_theta, "must be > 0")
+
+
+class SoftmaxFamily(Mixer):
+  """q/k/v/o projections and positions; subclasses say which pairs attend (`attend`, `pairs`)."""
+  group = "sparse"
+  kernel_families = ("sparse",)
+
+  def __init__(self, dims, options, *, layer: int, impl: str, out_std: float, rngs: nnx.Rngs):
+    self.options = options
+    self.impl = impl
+    self.layer = layer
+    h, hkv, dh, d = dims.num_heads, dims.num_kv_heads, dims.head_dim, dims.d_model
+    proj = lambda out, axes: nnx.LinearGeneral(d, out, use_bias=False, dtype=dims.compute_dtype,
+                                               kernel_init=normal_init(axes), rngs=rngs)
+    self.q_proj = proj((h, dh), ("embed", "heads", "head_dim"))
+    self.k_proj = proj((hkv, dh), ("embed", "kv_heads", "head_dim"))
+    self.v_proj = proj((hkv, dh), ("embed", "kv_heads", "head_dim"))
+    self.o_proj = nnx.LinearGeneral((h, dh), d, axis=(-2, -1), use_bias=False,
+                                    dtype=dims.compute_dtype,
+                                    kernel_init=normal_init(("heads", "head_dim", "embed"), out_std),
+                                    rngs=rngs)
+    self.alibi = (tuple(pos.alibi_slopes(h).tolist()) if options.position == "alibi" else None)
+
+  def __call__(self, x_BTD, positions_BT, segment_ids_BT):
+    q, k, v = self.project(x_BTD, positions_BT)
+    return self.o_proj(self.attend(q, k, v, segment_ids_BT))
+
+  def project(self, x_BTD, positions_BT):
+    """q [B, T, Hq, Dh], k and v [B, T, Hkv, Dh], rotated when position='rope'."""
+    q, k, v = self.q_proj(x_BTD), self.k_proj(x_BTD), self.v_proj(x_BTD)
+    if self.options.position == "rope":
+      q = pos.apply_rope(q, positions_BT, theta=self.options.rope_theta)
+      k = pos.apply_rope(k, positions_BT, theta=self.options.rope_theta)
+    return q, k, v
+
+  def alibi_slopes(self):
+    return None if self.alibi is None else jnp.asarray(self.alibi, jnp.float32)
+
+  def attend(self, q, k, v, segment_ids):
+    raise NotImplementedError
+
+  # -- decoding: a KV cache of the key/value heads (GQA: never the query heads) ----------------
+
+  def init_cache(self, batch: int, max_len: int):
+    shape = (batch, max_len, self.k_proj.kernel.shape[1], self.k_proj.kernel.shape[2])
+    dtype = self.k_proj.dtype
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+  def prefill(self, x_BTD, positions_BT, segment_ids_BT, lengths_B, cache):
+    """The training forward over right-padded prompts; the cache keeps their keys and values
+    (entries at and after each row's length are overwritten by decoding)."""
+    q, k, v = self.project(x_BTD, positions_BT)
+    y = self.o_proj(self.attend(q, k, v, segment_ids_BT))
+    return y, self.fill_cache(cache, k, v, lengths_B)
+
+  def fill_cache(self, cache, k_BTKD, v_BTKD, lengths_B):
+    del lengths_B
+    t = k_BTKD.shape[1]
+    return {"k": cache["k"].at[:, :t].set(k_BTKD.astype(cache["k"].dtype)),
+            "v": cache["v"].at[:, :t].set(v_BTKD.astype(cache["v"].dtype))}
+
+  def write_cache(self, cache, k_BKD, v_BKD, position_B):
+    rows = jnp.arange(k_BKD.shape[0])
+    return {"k": cache["k"].at[rows, position_B].set(k_BKD.astype(cache["k"].dtype)),
+            "v": cache["v"].at[rows, position_B].set(v_BKD.astype(cache["v"].dtype))}
+
+  def cache_entries(self, cache):
+    """(k [B, S, Hkv, D], v, key positions [B, S], -1 where empty)."""
+    k = cache["k"]
+    return k, cache["v"], jnp.broadcast_to(jnp.arange(k.shape[1]), k.shape[:2])
+
+  def decode_mask(self, q_BHD, k_BSKD, key_pos_BS, position_B):
+    """Which cache entries the token at position_B attends, [B, Hq, S] (or [B, 1, S])."""
+    return ((key_pos_BS >= 0) & (key_pos_BS <= position_B[:, None]))[:, None]
+
+  def decode(self, x_BD, position_B, cache):
+    q, k, v = self.project(x_BD[:, None], position_B[:, None])
+    cache = self.write_cache(cache, k[:, 0], v[:, 0], position_B)
+    keys, values, key_pos = self.cache_entries(cache)
+    o = self.decode_attention(q[:, 0], keys, values, key_pos, position_B)
+    return self.o_proj(o[:, None])[:, 0], cache
+
+  def decode_attention(self, q_BHD, k_BSKD, v_BSKD, key_pos_BS, position_B):
+    """One query per row over the cache entries the kind allows; fp32 softmax."""
+    b, hq, d = q_BHD.shape
+    hkv = k_BSKD.shape[2]
+    ct = jnp.promote_types(q_BHD.dtype, jnp.float32)
+    qg = q_BHD.reshape(b, hkv, hq // hkv, d).astype(ct)
+    logits = jnp.einsum("bkgd,bskd->bkgs", qg, k_BSKD.astype(ct)).reshape(b, hq, -1) * d ** -0.5
+    if self.alibi is not None:
+      dist = (position_B[:, None] - key_pos_BS).astype(ct)
+      logits = logits - self.alibi_slopes().astype(ct)[None, :, None] * dist[:, None]
+    allowed = jnp.broadcast_to(self.decode_mask(q_BHD, k_BSKD, key_pos_BS, position_B),
+                               logits.shape)
+    logits = jnp.where(allowed, logits, -jnp.inf)
+    p = jax.nn.softmax(logits, axis=-1)
+    o = jnp.einsum("bkgs,bskd->bkgd", p.reshape(b, hkv, hq // hkv, -1), v_BSKD.astype(ct))
+    return o.reshape(b, hq, d).astype(q_BHD.dtype)
+
+  # -- declarations ---------------------------------------------------------------------------
+
+  @classmethod
+  def pairs(cls, options, t: int) -> float:
+    """Query-key pairs a causal sequence of length t needs under this kind's pattern."""
+    raise NotImplementedError
+
+  @classmethod
+  def forward_flops(cls, options, dims, seq_len: int) -> float:
+    # q.k and p.v: 2 FLOPs per multiply-add, head_dim each, per attended pair and head
+    return 4.0 * dims.num_heads * dims.head_dim * cls.pairs(options, seq_len)
+
+  @classmethod
+  def check(cls, options, ctx: Context) -> None:
+    super().check(options, ctx)
+    if ctx.impl in PALLAS_IMPLS and options.position == "alibi":
+      raise ConfigError(f"model.attention.impl={ctx.impl!r}: the Pallas attention kernels do not "
+                        f"take model.attention.{cls.kind}.position='alibi' yet")
+
+
+@register
+class Softmax(SoftmaxFamily):
+  """Full causal softmax attention on pallas_kernels.blockwise_attention (ring attention when
+  the mesh shards the sequence)."""
+  kind = "softmax"
+  Options = SoftmaxOptions
+  paper = "Vaswani et al., 2017 (Attention Is All You Need)"
+  group = "softmax"
+  kernel_families = ("blockwise",)
+
+  def attend(self, q, k, v, segment_ids):
+    mesh = jax.sharding.get_abstract_mesh()
+    from lmtrain.ring_attention import SEQUENCE_AXIS, ring_attention
+    if not mesh.empty and mesh.shape.get(SEQUENCE_AXIS, 1) > 1:
+      # context parallelism: the trainer laid the sequence out zigzag over the sequence axis
+      return ring_attention(q, k, v, segment_ids, mesh=mesh)
+    return pallas_kernels.blockwise_attention(q, k, v, causal=True, segment_ids=segment_ids,
+                                              alibi_slopes=self.alibi_slopes(), impl=self.impl)
+
+  @classmethod
+  def pairs(cls, options, t: int) -> float:
+    return t * (t + 1) / 2
+
+  @classmethod
+  def extra_impls(cls):
+    return ("cudnn",)
+
+  @classmethod
+  def check(cls, options, ctx: Context) -> None:
+    super().check(options, ctx)
+    if ctx.impl == "cudnn" and options.position == "alibi":
+      raise ConfigError("model.attention.impl='cudnn' does not take "
+                        "model.attention.softmax.position='alibi'")
+
+  @classmethod
+  def sequence_parallel_error(cls, options):
+    if options.position == "alibi":
+      return "ring attention does not take model.attention.softmax.position='alibi'"
+    return None
