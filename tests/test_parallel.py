@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from lmtrain import parallel
-from lmtrain.flops import attention_pairs, train_flops_per_step
+from lmtrain.flops import train_flops_per_step
 from tests.conftest import REPO, cli_args, read_scalars, run_module, small_config
 
 EIGHT = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
@@ -137,22 +137,18 @@ def test_two_processes_train_together_like_one_process_with_the_global_batch(tmp
 
 # ---- FLOPs -----------------------------------------------------------------------------------
 
-def test_attention_pair_counts():
-  cfg = small_config()
-  a = cfg.model.attention
+def test_pair_counts_of_the_sparse_kinds():
+  from lmtrain.model import mixers
+  pairs = lambda kind, t, **kw: mixers.get(kind).pairs(mixers.get(kind).Options(**kw), t)
   t = 64
-  assert attention_pairs("softmax", a, t) == t * (t + 1) / 2
-  a.window = 1000
-  assert attention_pairs("sliding_window", a, t) == t * (t + 1) / 2
-  a.window = 8
-  assert attention_pairs("sliding_window", a, t) == sum(min(i + 1, 8) for i in range(t))
-  a.window, a.block_size, a.top_k = None, 16, 100
-  assert attention_pairs("moba", a, t) == t * (t + 1) / 2
-  a.top_k = 2
-  assert attention_pairs("moba", a, t) == sum((i % 16) + 1 + (16 if i >= 16 else 0)
-                                              for i in range(t))
-  a.top_k, a.local_blocks, a.global_blocks = None, 4, 0
-  assert attention_pairs("block_sparse", a, t) == t * (t + 1) / 2
+  assert pairs("softmax", t) == t * (t + 1) / 2
+  assert pairs("sliding_window", t, window=1000) == t * (t + 1) / 2
+  assert pairs("sliding_window", t, window=8) == sum(min(i + 1, 8) for i in range(t))
+  assert pairs("moba", t, block_size=16, top_k=100) == t * (t + 1) / 2
+  assert pairs("moba", t, block_size=16, top_k=2) == sum((i % 16) + 1 + (16 if i >= 16 else 0)
+                                                         for i in range(t))
+  assert pairs("block_sparse", t, block_size=16, local_blocks=4, global_blocks=0,
+               stride=0) == t * (t + 1) / 2
 
 
 def test_matmul_flops_are_six_per_parameter_per_token():

@@ -1,0 +1,187 @@
+"""Zoology's MQAR ordering, on this machine: python -m lmtrain.mqar_check [--kinds a,b] [--steps N]
+
+Trains `configs/mqar.py` (2 layers, width 128, Zoology's multi-query associative recall at
+sequence 64 with 4/8/16 pairs per row) once per attention kind, evaluates recall by number of
+pairs and by how far back each query's pair lies, prints one table, then checks the orderings
+Zoology reports (Arora et al., 2023) and those of the papers the kinds come from:
+
+  - softmax attention recalls (>= 95% at every pair count);
+  - linear-family kinds recall less, and less as the pairs grow (their state is fixed-size);
+  - a sliding window shorter than a query's distance to its pair is near chance on that query;
+  - the delta rule recalls better than linear attention and simple GLA at the same width
+    (Yang et al., 2024); FoX keeps softmax's recall (Lin et al., 2025).
+
+Each verdict is printed (with the numbers); kinds missing from --kinds are skipped. With
+--lrs a,b each kind is trained at every learning rate and its best kept, as Zoology reports.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WINDOW_CONTROL = 8  # the sliding window of the control: shorter than most query distances
+
+
+def mqar_config(variant: str, **overrides):
+  """configs/mqar.py with `variant` and dotted overrides, resolved."""
+  sys.path.insert(0, REPO)
+  from configs import mqar
+  from lmtrain import config as config_lib
+  cfg = mqar.get_config(f"attention={variant}")
+  for key, value in overrides.items():
+    node = cfg
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config_lib.finalize(cfg)
+
+
+def train_recall(cfg, *, log=None) -> dict:
+  """Trains cfg (data.source=mqar) for train.steps and returns its recall: accuracy by pairs
+  (eval.mqar_pairs, at data.seq_len), by query distance, the final loss and the time taken."""
+  import jax
+
+  from lmtrain.data import train_dataset
+  from lmtrain.data.pipeline import mqar_options
+  from lmtrain.evals.mqar import mqar_grid
+  from lmtrain.evals.scoring import model_scorer
+  from lmtrain.evals.runner import parse_list
+  from lmtrain.trainer import Trainer
+  t0 = time.perf_counter()
+  trainer = Trainer.from_config(cfg)
+  state = jax.jit(trainer.init_state, static_argnums=0)(cfg.train.seed)
+  step = jax.jit(trainer.train_step, donate_argnums=0)
+  data = iter(train_dataset(cfg))
+  loss = None
+  for i in range(1, cfg.train.steps + 1):
+    state, metrics = step(state, next(data))
+    if log is not None and (i % cfg.train.log_every == 0 or i == cfg.train.steps):
+      loss = float(metrics["loss"])
+      log(f"step {i}/{cfg.train.steps}: loss {loss:.3f}")
+  loss = float(metrics["loss"])
+  pairs = parse_list(cfg.eval.mqar_pairs)
+  r = mqar_grid(model_scorer(trainer.model), state["params"], pairs=pairs,
+                lengths=[cfg.data.seq_len], samples=cfg.eval.mqar_samples,
+                batch_tokens=cfg.eval.batch_tokens, **mqar_options(cfg.data))
+  return {"accuracy": {p: row[0] for p, row in zip(pairs, r["accuracy"])},
+          "by_distance": r["by_distance"], "loss": loss, "lr": cfg.train.lr,
+          "seconds": time.perf_counter() - t0}
+
+
+def beyond(result: dict, distance: int) -> float | None:
+  """Accuracy over the queries whose pair lies more than `distance` tokens back."""
+  rows = [b for b in result["by_distance"] if 2 ** (b["bucket"] - 1) > distance]
+  n = sum(b["queries"] for b in rows)
+  return sum(b["accuracy"] * b["queries"] for b in rows) / n if n else None
+
+
+def verdicts(results: dict, chance: float) -> list[tuple[str, bool, str]]:
+  """(claim, holds, numbers) for each ordering whose kinds were run."""
+  from lmtrain.model import mixers
+  out = []
+  acc = {k: r["accuracy"] for k, r in results.items()}
+  pairs = sorted(next(iter(acc.values()))) if acc else []
+  fmt = lambda k: "/".join(f"{acc[k][p]:.2f}" for p in pairs)
+  if "softmax" in acc:
+    out.append(("softmax recalls >= 95% at every pair count",
+                min(acc["softmax"].values()) >= 0.95, f"softmax {fmt('softmax')}"))
+  linear = [k for k in acc if k in mixers.kinds() and mixers.get(k).group == "linear"]
+  for k in linear:
+    if "softmax" in acc:
+      below = acc[k][pairs[-1]] < acc["softmax"][pairs[-1]]
+      falling = all(acc[k][a] >= acc[k][b] - 0.02 for a, b in zip(pairs, pairs[1:]))
+      out.append((f"{k} recalls less than softmax, and less as pairs grow", below and falling,
+                  f"{k} {fmt(k)}"))
+  if "sliding_window" in results:
+    far = beyond(results["sliding_window"], WINDOW_CONTROL)
+    if far is not None:
+      out.append((f"sliding_window (window {WINDOW_CONTROL}) is near chance ({chance:.3f}) on "
+                  f"queries more than {WINDOW_CONTROL} tokens from their pair",
+                  far <= 3 * chance, f"accuracy there {far:.3f}"))
+  for delta in ("deltanet", "gated_deltanet"):
+    for weaker in ("linear", "simple_gla"):
+      if delta in acc and weaker in acc:
+        out.append((f"{delta} recalls better than {weaker}",
+                    acc[delta][pairs[-1]] > acc[weaker][pairs[-1]],
+                    f"{delta} {fmt(delta)}, {weaker} {fmt(weaker)}"))
+  if "fox" in acc and "softmax" in acc:
+    out.append(("fox keeps softmax's recall (within 5 points at every pair count)",
+                all(acc["fox"][p] >= acc["softmax"][p] - 0.05 for p in pairs),
+                f"fox {fmt('fox')}, softmax {fmt('softmax')}"))
+  return out
+
+
+def default_kinds() -> list[str]:
+  from lmtrain.model import mixers
+  return list(mixers.kinds())
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(prog="python -m lmtrain.mqar_check", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--kinds", default="", help="comma list (default: every kind)")
+  parser.add_argument("--steps", type=int, default=None, help="train.steps (configs/mqar.py)")
+  parser.add_argument("--lrs", default="", help="learning rates to sweep, best kept")
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--json", default="", help="write the results here")
+  args = parser.parse_args(argv)
+  from lmtrain import config as config_lib
+  from lmtrain.model import mixers
+  kinds = [k.strip() for k in args.kinds.split(",") if k.strip()] or default_kinds()
+  unknown = [k for k in kinds if k not in mixers.kinds()]
+  if unknown:
+    print(f"lmtrain: error: --kinds: unknown attention kind {unknown[0]!r} (kinds: "
+          f"{', '.join(mixers.kinds())})", file=sys.stderr)
+    return 2
+  try:
+    lrs = [float(x) for x in args.lrs.split(",") if x.strip()]
+  except ValueError:
+    print(f"lmtrain: error: --lrs={args.lrs!r} is not a comma list of numbers", file=sys.stderr)
+    return 2
+  results = {}
+  chance = None
+  for kind in kinds:
+    overrides = {"train.seed": args.seed}
+    if args.steps:
+      overrides["train.steps"] = args.steps
+    if kind == "sliding_window":
+      overrides["model.attention.sliding_window.window"] = WINDOW_CONTROL
+    best = None
+    for lr in lrs or [None]:
+      if lr is not None:
+        overrides["train.lr"] = lr
+      try:
+        cfg = mqar_config(kind, **overrides)
+      except config_lib.ConfigError as e:
+        print(f"lmtrain: error: {e}", file=sys.stderr)
+        return 2
+      chance = 1.0 / (cfg.data.mqar_vocab_size - cfg.data.mqar_vocab_size // 2)
+      r = train_recall(cfg)
+      print(f"{kind:<16} lr {cfg.train.lr:<8g} loss {r['loss']:.3f}  recall by pairs "
+            + "  ".join(f"{p}: {a:.3f}" for p, a in r["accuracy"].items())
+            + f"  ({r['seconds']:.0f}s)", flush=True)
+      if best is None or np.mean(list(r["accuracy"].values())) > np.mean(
+          list(best["accuracy"].values())):
+        best = r
+    results[kind] = best
+  print()
+  held = True
+  for claim, ok, numbers in verdicts(results, chance or 0.0):
+    held &= ok
+    print(f"{'HOLDS' if ok else 'FAILS'}  {claim}: {numbers}", flush=True)
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump({k: {**v, "accuracy": {str(p): a for p, a in v["accuracy"].items()}}
+                 for k, v in results.items()}, f, indent=2)
+  return 0 if held else 1
+
+
+if __name__ == "__main__":
+  sys.exit(main())
