@@ -139,10 +139,13 @@ def block_mask_allows(i, j, local, global_blocks, stride):
           or (stride > 0 and (i - j) % stride == 0))
 
 
-def softmax_family_layer(kind, p, x, seg, positions, options):
+def softmax_family_layer(kind, p, x, seg, positions, options, layer=None):
   """softmax / sliding_window / block_sparse / moba: projections, positions, the kind's pattern
   within each packed document, output projection."""
   q, k, v = (project(x, p[n]["kernel"]) for n in ("q_proj", "k_proj", "v_proj"))
+  if options.qk_norm:
+    q = head_rms_norm(q, p["q_norm"]["scale"], eps=1e-6)
+    k = head_rms_norm(k, p["k_norm"]["scale"], eps=1e-6)
   if options.position == "rope":
     q = np.stack([rope(q[b], positions[b], options.rope_theta) for b in range(len(q))])
     k = np.stack([rope(k[b], positions[b], options.rope_theta) for b in range(len(k))])
@@ -164,6 +167,8 @@ def softmax_family_layer(kind, p, x, seg, positions, options):
 
   alibi = alibi_slopes(q.shape[2]) if options.position == "alibi" else None
   o = softmax_attention(q, k, v, allowed, alibi=alibi)
+  if options.output_gate:
+    o = o * sigmoid(project(x, p["g_proj"]["kernel"]))
   return unproject(o, p["o_proj"]["kernel"])
 
 
@@ -207,7 +212,7 @@ def head_rms_norm(o, scale, eps=1e-5):
   return o / np.sqrt(np.mean(o * o, axis=-1, keepdims=True) + eps) * scale
 
 
-def linear_family_layer(kind, p, x, seg, positions, options):
+def linear_family_layer(kind, p, x, seg, positions, options, layer=None):
   """linear / simple_gla / gla: projections, optional short convolutions, the kind's feature
   map, scale and gates, the gated recurrence, output norm and gate, output projection."""
   del positions
@@ -239,10 +244,69 @@ def linear_family_layer(kind, p, x, seg, positions, options):
   return unproject(o, p["o_proj"]["kernel"])
 
 
-# kind -> oracle(kind, params, x [B, T, D], segment_ids [B, T], positions [B, T], options)
+def diff_layer(kind, p, x, seg, positions, options, layer):
+  """Differential attention: per differential head i (q heads 2i, 2i + 1; its key pair and value
+  head by the GQA grouping), softmax_1 V - lambda softmax_2 V, per-head RMSNorm,
+  (1 - lambda_init), output projection."""
+  q, k, v = (project(x, p[n]["kernel"]) for n in ("q_proj", "k_proj", "v_proj"))
+  if options.position == "rope":
+    q = np.stack([rope(q[b], positions[b], options.rope_theta) for b in range(len(q))])
+    k = np.stack([rope(k[b], positions[b], options.rope_theta) for b in range(len(k))])
+  h, hkv = q.shape[2], k.shape[2]  # hkv: key heads, two per pair
+  init = 0.8 - 0.6 * math.exp(-0.3 * layer)
+  lam = (math.exp(float(p["lambda_q1"] @ p["lambda_k1"]))
+         - math.exp(float(p["lambda_q2"] @ p["lambda_k2"])) + init)
+  same = lambda b, hh, t, s: seg[b, t] == seg[b, s]
+  heads = []
+  for i in range(h // 2):
+    g = i // (h // hkv)  # the key pair / value head of differential head i
+    vg = v[:, :, g:g + 1]
+    a1 = softmax_attention(q[:, :, 2 * i:2 * i + 1], k[:, :, 2 * g:2 * g + 1], vg, same)
+    a2 = softmax_attention(q[:, :, 2 * i + 1:2 * i + 2], k[:, :, 2 * g + 1:2 * g + 2], vg, same)
+    heads.append(head_rms_norm(a1 - lam * a2, p["subln"]["scale"]) * (1 - init))
+  return unproject(np.concatenate(heads, axis=2), p["o_proj"]["kernel"])
+
+
+def selective_layer(kind, p, x, seg, positions, options, layer=None):
+  """Selective attention by loops: S[k][j] = ReLU(head 0's logit) except at a document's first
+  key and the diagonal; every head's logit of (i, j) minus sum_{k<i} S[k][j]."""
+  q, k, v = (project(x, p[n]["kernel"]) for n in ("q_proj", "k_proj", "v_proj"))
+  if options.qk_norm:
+    q = head_rms_norm(q, p["q_norm"]["scale"], eps=1e-6)
+    k = head_rms_norm(k, p["k_norm"]["scale"], eps=1e-6)
+  if options.position == "rope":
+    q = np.stack([rope(q[b], positions[b], options.rope_theta) for b in range(len(q))])
+    k = np.stack([rope(k[b], positions[b], options.rope_theta) for b in range(len(k))])
+  b_, t_, hq, d = q.shape
+  hkv = k.shape[2]
+  slopes = alibi_slopes(hq) if options.position == "alibi" else np.zeros(hq)
+  out = np.zeros((b_, t_, hq, v.shape[-1]))
+  for b in range(b_):
+    start = [min(s for s in range(t_) if seg[b, s] == seg[b, t]) for t in range(t_)]
+    seen = lambda i, j: j <= i and seg[b, i] == seg[b, j]
+    logit = lambda h, i, j: (q[b, i, h] @ k[b, j, h // (hq // hkv)] / math.sqrt(d)
+                             - slopes[h] * (i - j))
+    sel = np.zeros((t_, t_))
+    for i in range(t_):
+      for j in range(t_):
+        if seen(i, j) and j != start[i] and j != i:
+          sel[i, j] = max(logit(0, i, j), 0.0)
+    for h in range(hq):
+      for i in range(t_):
+        keys = [j for j in range(t_) if seen(i, j)]
+        z = np.array([logit(h, i, j) - sum(sel[kk, j] for kk in range(i)) for j in keys])
+        w = np.exp(z - z.max())
+        w /= w.sum()
+        out[b, i, h] = sum(wi * v[b, j, h // (hq // hkv)] for wi, j in zip(w, keys))
+  if options.output_gate:
+    out = out * sigmoid(project(x, p["g_proj"]["kernel"]))
+  return unproject(out, p["o_proj"]["kernel"])
+
+
+# kind -> oracle(kind, params, x [B, T, D], segment_ids [B, T], positions [B, T], options, layer)
 LAYERS = {
     "softmax": softmax_family_layer, "sliding_window": softmax_family_layer,
     "block_sparse": softmax_family_layer, "moba": softmax_family_layer,
     "linear": linear_family_layer, "simple_gla": linear_family_layer,
-    "gla": linear_family_layer,
+    "gla": linear_family_layer, "diff": diff_layer, "selective": selective_layer,
 }

@@ -65,11 +65,14 @@ ORACLE_OPTIONS = {
 }
 EXTRA_CASES = [  # options off by default, tested on
     ("softmax", {"position": "alibi"}), ("softmax", {"position": "none"}),
+    ("softmax", {"qk_norm": True, "output_gate": True}),
+    ("moba", {"qk_norm": True, "output_gate": True, "position": "none"}),
     ("sliding_window", {"position": "alibi"}),
     ("linear", {"short_conv": True, "output_norm": True, "output_gate": True,
                 "feature_map": "relu"}),
     ("linear", {"normalize": False, "feature_map": "identity"}),
     ("gla", {"short_conv": True}),
+    ("selective", {"position": "alibi", "qk_norm": True, "output_gate": True}),
     ("simple_gla", {"short_conv": False, "output_gate": False}),
 ]
 
@@ -119,7 +122,8 @@ def test_mixer_forward_and_gradients_equal_the_float64_oracle(kind, extra, x64):
 
   def oracle(p, x):
     p = jax.tree.map(np.asarray, p)
-    return naive.LAYERS[kind](kind, p, np.asarray(x), np.asarray(seg), np.asarray(pos), options)
+    return naive.LAYERS[kind](kind, p, np.asarray(x), np.asarray(seg), np.asarray(pos), options,
+                              layer=1)
 
   np.testing.assert_allclose(apply(params, x), oracle(params, x), rtol=1e-9, atol=1e-10)
   r = jnp.asarray(rng.normal(size=(2, T_ORACLE, dims.d_model)))

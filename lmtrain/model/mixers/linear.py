@@ -102,14 +102,26 @@ class LinearFamily(Mixer):
     y, _ = self._forward(x_BTD, segment_ids_BT)
     return y
 
-  def _forward(self, x_BTD, segment_ids_BT):
+  def inputs(self, x_BTD, segment_ids_BT):
+    """(q, k, v) as the recurrence reads them, and the raw projections (the convolutions'
+    inputs, which decoding keeps a tail of)."""
     raw = self.q_proj(x_BTD), self.k_proj(x_BTD), self.v_proj(x_BTD)
     q, k, v = raw
     if self.options.short_conv:
       q = self.q_conv(q, segment_ids_BT)
       k = self.k_conv(k, segment_ids_BT)
       v = self.v_conv(v, segment_ids_BT)
+    else:
+      q, k, v = self.activate(q, k, v)
     q, k = self.qk(q, k)
+    return (q, k, v), raw
+
+  def activate(self, q, k, v):
+    """What stands in for the convolution's SiLU when there is no convolution (nothing here)."""
+    return q, k, v
+
+  def _forward(self, x_BTD, segment_ids_BT):
+    (q, k, v), raw = self.inputs(x_BTD, segment_ids_BT)
     gates = self.log_gates(x_BTD)
     o = pallas_kernels.linear_attention(q, k, v, feature_map=self.feature_map, decay=gates,
                                         normalize=self.normalize,
@@ -124,13 +136,41 @@ class LinearFamily(Mixer):
     h = self.q_proj.kernel.shape[1]
     dk, dv = self.q_proj.kernel.shape[2], self.v_proj.kernel.shape[2]
     ct = jnp.promote_types(self.dtype, jnp.float32)
-    cache = dict(pallas_kernels.linear_attention_init_state(batch, h, dk, dv, ct))
+    return {**pallas_kernels.linear_attention_init_state(batch, h, dk, dv, ct),
+            **self.init_conv_tails(batch)}
+
+  def init_conv_tails(self, batch) -> dict:
+    if not self.options.short_conv:
+      return {}
+    return {f"{name}_tail": jnp.zeros((batch, self.options.conv_size - 1)
+                                      + tuple(getattr(self, f"{name}_proj").kernel.shape[1:]),
+                                      self.dtype)
+            for name in ("q", "k", "v")}
+
+  def conv_tails(self, raw, lengths_B) -> dict:
+    """Each row's last conv_size - 1 convolution inputs before its length (oldest first)."""
+    if not self.options.short_conv:
+      return {}
+    k_taps = self.options.conv_size - 1
+    idx = lengths_B[:, None] - k_taps + jnp.arange(k_taps)[None]
+    tails = {}
+    for name, a in zip(("q", "k", "v"), raw):
+      tail = jnp.take_along_axis(a, jnp.maximum(idx, 0)[:, :, None, None], axis=1)
+      tails[f"{name}_tail"] = (tail * (idx >= 0)[:, :, None, None]).astype(self.dtype)
+    return tails
+
+  def decode_inputs(self, x_B1D, cache):
+    """(q, k, v) [B, H, D] of one token, and the cache with the convolution tails advanced."""
+    q, k, v = (p(x_B1D)[:, 0] for p in (self.q_proj, self.k_proj, self.v_proj))
+    cache = dict(cache)
     if self.options.short_conv:
-      for name in ("q", "k", "v"):
-        proj = getattr(self, f"{name}_proj")
-        shape = (batch, self.options.conv_size - 1) + tuple(proj.kernel.shape[1:])
-        cache[f"{name}_tail"] = jnp.zeros(shape, self.dtype)
-    return cache
+      q, cache["q_tail"] = self.q_conv.step(q, cache["q_tail"])
+      k, cache["k_tail"] = self.k_conv.step(k, cache["k_tail"])
+      v, cache["v_tail"] = self.v_conv.step(v, cache["v_tail"])
+    else:
+      q, k, v = self.activate(q, k, v)
+    q, k = self.qk(q, k)
+    return (q, k, v), cache
 
   def prefill(self, x_BTD, positions_BT, segment_ids_BT, lengths_B, cache):
     """The training forward; the state after each row's prompt in closed form
@@ -140,26 +180,13 @@ class LinearFamily(Mixer):
     state = pallas_kernels.linear_attention_state(
         k, v, num_heads=self.q_proj.kernel.shape[1], feature_map=self.feature_map, decay=gates,
         lengths=lengths_B)
-    cache = {**cache, "S": state["S"].astype(cache["S"].dtype),
-             "z": state["z"].astype(cache["z"].dtype)}
-    if self.options.short_conv:
-      k_taps = self.options.conv_size - 1
-      idx = lengths_B[:, None] - k_taps + jnp.arange(k_taps)[None]  # oldest first
-      for name, a in zip(("q", "k", "v"), raw):
-        tail = jnp.take_along_axis(a, jnp.maximum(idx, 0)[:, :, None, None], axis=1)
-        cache[f"{name}_tail"] = (tail * (idx >= 0)[:, :, None, None]).astype(self.dtype)
-    return y, cache
+    return y, {**cache, "S": state["S"].astype(cache["S"].dtype),
+               "z": state["z"].astype(cache["z"].dtype), **self.conv_tails(raw, lengths_B)}
 
   def decode(self, x_BD, position_B, cache):
     del position_B
     x = x_BD[:, None]
-    q, k, v = self.q_proj(x)[:, 0], self.k_proj(x)[:, 0], self.v_proj(x)[:, 0]
-    cache = dict(cache)
-    if self.options.short_conv:
-      q, cache["q_tail"] = self.q_conv.step(q, cache["q_tail"])
-      k, cache["k_tail"] = self.k_conv.step(k, cache["k_tail"])
-      v, cache["v_tail"] = self.v_conv.step(v, cache["v_tail"])
-    q, k = self.qk(q, k)
+    (q, k, v), cache = self.decode_inputs(x, cache)
     gates = self.log_gates(x)
     if gates is not None and gates.ndim >= 3:
       gates = gates[:, 0]

@@ -2,7 +2,13 @@
 the base of every softmax-family kind (projections, positions, the options they share).
 
 Positions: RoPE (Su et al., 2021, "RoFormer"), ALiBi (Press et al., 2022, "Train Short, Test
-Long") or none. GQA/MQA by model.num_kv_heads.
+Long") or none. GQA/MQA by model.num_kv_heads. Options every softmax-family kind has, off by
+default:
+  - qk_norm: RMSNorm of q and k per head (learned scale [Dh], eps 1e-6) before RoPE, as in
+    Qwen3 / OLMo 2 (Dehghani et al., 2023, "Scaling Vision Transformers to 22B", for the idea);
+  - output_gate: o * sigmoid(x W_g) per head and channel before the output projection, the
+    gated attention of Qwen3-Next (Qiu et al., 2025, "Gated Attention for Large Language
+    Models");
 """
 from __future__ import annotations
 
@@ -15,7 +21,7 @@ from flax import nnx
 import pallas_kernels
 from lmtrain.config_error import ConfigError
 from lmtrain.model import positions as pos
-from lmtrain.model.layers import normal_init
+from lmtrain.model.layers import HeadRMSNorm, normal_init
 from lmtrain.model.mixers import register
 from lmtrain.model.mixers.base import Context, Mixer, MixerOptions
 
@@ -27,6 +33,8 @@ PALLAS_IMPLS = ("pallas", "interpret", "interpret_gpu")
 class SoftmaxOptions(MixerOptions):
   position: str = "rope"  # rope | alibi | none
   rope_theta: float = 10000.0
+  qk_norm: bool = False  # RMSNorm of q and k per head, before RoPE
+  output_gate: bool = False  # o * sigmoid(x W_g), per head and channel
 
   def validate(self, ctx: Context) -> None:
     ctx.one_of(self, "position", POSITIONS)
@@ -56,14 +64,30 @@ class SoftmaxFamily(Mixer):
                                     kernel_init=normal_init(("heads", "head_dim", "embed"), out_std),
                                     rngs=rngs)
     self.alibi = (tuple(pos.alibi_slopes(h).tolist()) if options.position == "alibi" else None)
+    if options.qk_norm:
+      self.q_norm = HeadRMSNorm(dh, dtype=dims.compute_dtype, eps=1e-6, rngs=rngs)
+      self.k_norm = HeadRMSNorm(dh, dtype=dims.compute_dtype, eps=1e-6, rngs=rngs)
+    if options.output_gate:
+      self.g_proj = proj((h, self.value_dim(dims)), ("embed", "heads", "head_dim"))
+
+  def value_dim(self, dims) -> int:
+    return dims.head_dim
 
   def __call__(self, x_BTD, positions_BT, segment_ids_BT):
     q, k, v = self.project(x_BTD, positions_BT)
-    return self.o_proj(self.attend(q, k, v, segment_ids_BT))
+    return self.finish(self.attend(q, k, v, segment_ids_BT), x_BTD)
+
+  def finish(self, o_BTHD, x_BTD):
+    """The output gate (when on), then the output projection."""
+    if self.options.output_gate:
+      o_BTHD = o_BTHD * jax.nn.sigmoid(self.g_proj(x_BTD)).astype(o_BTHD.dtype)
+    return self.o_proj(o_BTHD)
 
   def project(self, x_BTD, positions_BT):
-    """q [B, T, Hq, Dh], k and v [B, T, Hkv, Dh], rotated when position='rope'."""
+    """q [B, T, Hq, Dh], k and v [B, T, Hkv, Dh], normalised and rotated as the options say."""
     q, k, v = self.q_proj(x_BTD), self.k_proj(x_BTD), self.v_proj(x_BTD)
+    if self.options.qk_norm:
+      q, k = self.q_norm(q), self.k_norm(k)
     if self.options.position == "rope":
       q = pos.apply_rope(q, positions_BT, theta=self.options.rope_theta)
       k = pos.apply_rope(k, positions_BT, theta=self.options.rope_theta)
@@ -86,7 +110,7 @@ class SoftmaxFamily(Mixer):
     """The training forward over right-padded prompts; the cache keeps their keys and values
     (entries at and after each row's length are overwritten by decoding)."""
     q, k, v = self.project(x_BTD, positions_BT)
-    y = self.o_proj(self.attend(q, k, v, segment_ids_BT))
+    y = self.finish(self.attend(q, k, v, segment_ids_BT), x_BTD)
     return y, self.fill_cache(cache, k, v, lengths_B)
 
   def fill_cache(self, cache, k_BTKD, v_BTKD, lengths_B):
@@ -114,24 +138,16 @@ class SoftmaxFamily(Mixer):
     cache = self.write_cache(cache, k[:, 0], v[:, 0], position_B)
     keys, values, key_pos = self.cache_entries(cache)
     o = self.decode_attention(q[:, 0], keys, values, key_pos, position_B)
-    return self.o_proj(o[:, None])[:, 0], cache
+    return self.finish(o[:, None], x_BD[:, None])[:, 0], cache
 
   def decode_attention(self, q_BHD, k_BSKD, v_BSKD, key_pos_BS, position_B):
-    """One query per row over the cache entries the kind allows; fp32 softmax."""
-    b, hq, d = q_BHD.shape
-    hkv = k_BSKD.shape[2]
-    ct = jnp.promote_types(q_BHD.dtype, jnp.float32)
-    qg = q_BHD.reshape(b, hkv, hq // hkv, d).astype(ct)
-    logits = jnp.einsum("bkgd,bskd->bkgs", qg, k_BSKD.astype(ct)).reshape(b, hq, -1) * d ** -0.5
+    """One query per row over the cache entries the kind allows."""
+    bias = None
     if self.alibi is not None:
-      dist = (position_B[:, None] - key_pos_BS).astype(ct)
-      logits = logits - self.alibi_slopes().astype(ct)[None, :, None] * dist[:, None]
-    allowed = jnp.broadcast_to(self.decode_mask(q_BHD, k_BSKD, key_pos_BS, position_B),
-                               logits.shape)
-    logits = jnp.where(allowed, logits, -jnp.inf)
-    p = jax.nn.softmax(logits, axis=-1)
-    o = jnp.einsum("bkgs,bskd->bkgd", p.reshape(b, hkv, hq // hkv, -1), v_BSKD.astype(ct))
-    return o.reshape(b, hq, d).astype(q_BHD.dtype)
+      dist = (position_B[:, None] - key_pos_BS).astype(jnp.float32)
+      bias = -self.alibi_slopes()[None, :, None] * dist[:, None]
+    allowed = self.decode_mask(q_BHD, k_BSKD, key_pos_BS, position_B)
+    return cached_attention(q_BHD, k_BSKD, v_BSKD, allowed, bias=bias)
 
   # -- declarations ---------------------------------------------------------------------------
 
@@ -192,3 +208,21 @@ class Softmax(SoftmaxFamily):
     if options.position == "alibi":
       return "ring attention does not take model.attention.softmax.position='alibi'"
     return None
+
+
+def cached_attention(q_BHD, k_BSKD, v_BSKD, allowed_BHS, *, bias=None, scale=None):
+  """Softmax attention of one query per row over S cached keys (GQA groups of query heads share
+  a key/value head), fp32 logits; `allowed` and `bias` broadcast to [B, Hq, S]. Returns
+  [B, Hq, Dv] in q's dtype."""
+  b, hq, d = q_BHD.shape
+  hkv, dv = k_BSKD.shape[2], v_BSKD.shape[-1]
+  ct = jnp.promote_types(q_BHD.dtype, jnp.float32)
+  scale = d ** -0.5 if scale is None else scale
+  qg = q_BHD.reshape(b, hkv, hq // hkv, d).astype(ct)
+  logits = jnp.einsum("bkgd,bskd->bkgs", qg, k_BSKD.astype(ct)).reshape(b, hq, -1) * scale
+  if bias is not None:
+    logits = logits + bias.astype(ct)
+  logits = jnp.where(jnp.broadcast_to(allowed_BHS, logits.shape), logits, -jnp.inf)
+  p = jax.nn.softmax(logits, axis=-1)
+  o = jnp.einsum("bkgs,bskd->bkgd", p.reshape(b, hkv, hq // hkv, -1), v_BSKD.astype(ct))
+  return o.reshape(b, hq, dv).astype(q_BHD.dtype)
