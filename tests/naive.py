@@ -310,3 +310,33 @@ LAYERS = {
     "linear": linear_family_layer, "simple_gla": linear_family_layer,
     "gla": linear_family_layer, "diff": diff_layer, "selective": selective_layer,
 }
+
+
+# ---- the delta rule (DeltaNet / Gated DeltaNet) ------------------------------------------------
+
+def delta_rule(q, k, v, beta, *, log_gates=None, segment_ids=None, initial_state=None):
+  """One token at a time, in the papers' orientation M [Dv, Dk] (the library's state is M^T):
+  M_t = a_t M_{t-1} (I - b_t k_t k_t^T) + b_t v_t k_t^T and o_t = M_t q_t, a_t = exp(g_t).
+  q [B, T, Hq, Dk], k [B, T, Hkv, Dk], v [B, T, Hkv, Dv], beta and log_gates [B, T, Hkv]. M is
+  emptied wherever the segment id changes; initial_state (M^T, [B, Hkv, Dk, Dv]) starts the row.
+  Returns (o [B, T, Hq, Dv], final M^T [B, Hkv, Dk, Dv])."""
+  q, k, v, beta = (np.asarray(x, np.float64) for x in (q, k, v, beta))
+  b_, t_, hq, dk = q.shape
+  hkv, dv = k.shape[2], v.shape[-1]
+  group = hq // hkv
+  g = np.zeros((b_, t_, hkv)) if log_gates is None else np.asarray(log_gates, np.float64)
+  out = np.zeros((b_, t_, hq, dv))
+  final = np.zeros((b_, hkv, dk, dv))
+  for b in range(b_):
+    for h in range(hkv):
+      m = np.zeros((dv, dk)) if initial_state is None else np.array(initial_state[b, h]).T
+      for t in range(t_):
+        if t > 0 and segment_ids is not None and segment_ids[b, t] != segment_ids[b, t - 1]:
+          m = np.zeros((dv, dk))
+        kt, bt = k[b, t, h], beta[b, t, h]
+        m = (math.exp(g[b, t, h]) * m @ (np.eye(dk) - bt * np.outer(kt, kt))
+             + bt * np.outer(v[b, t, h], kt))
+        for hq_ in range(h * group, (h + 1) * group):  # the query heads reading kv head h
+          out[b, t, hq_] = m @ q[b, t, hq_]
+      final[b, h] = m.T
+  return out, final
