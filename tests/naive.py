@@ -340,3 +340,40 @@ def delta_rule(q, k, v, beta, *, log_gates=None, segment_ids=None, initial_state
           out[b, t, hq_] = m @ q[b, t, hq_]
       final[b, h] = m.T
   return out, final
+
+
+def l2_normalize(x, eps=1e-6):
+  return x / np.sqrt(np.sum(x * x, axis=-1, keepdims=True) + eps)
+
+
+def softplus(x):
+  return np.logaddexp(0.0, x)
+
+
+def delta_layer(kind, p, x, seg, positions, options, layer=None):
+  """deltanet / gated_deltanet: projections, SiLU short convolutions (or SiLU alone), L2-
+  normalised q and k, q / sqrt(Dk), beta = sigmoid(x w_b), Mamba-2 decay for the gated rule,
+  the delta rule token by token, output RMSNorm (and swish gate), output projection."""
+  del positions
+  q, k, v = (project(x, p[n]["kernel"]) for n in ("q_proj", "k_proj", "v_proj"))
+  if options.short_conv:
+    q, k, v = (short_conv(a, p[n]["kernel"], seg) for a, n in
+               ((q, "q_conv"), (k, "k_conv"), (v, "v_conv")))
+  else:
+    q, k, v = silu(q), silu(k), silu(v)
+  q = l2_normalize(q) / math.sqrt(q.shape[-1])
+  k = l2_normalize(k)
+  beta = sigmoid(project(x, p["b_proj"]["kernel"]))
+  gates = None
+  if kind == "gated_deltanet":
+    a = project(x, p["a_proj"]["kernel"])
+    gates = -np.exp(p["A_log"]) * softplus(a + p["dt_bias"])
+  o, _ = delta_rule(q, k, v, beta, log_gates=gates, segment_ids=seg)
+  if options.output_norm:
+    o = head_rms_norm(o, p["o_norm"]["scale"])
+  if options.output_gate:
+    o = o * silu(project(x, p["g_proj"]["kernel"]))
+  return unproject(o, p["o_proj"]["kernel"])
+
+
+LAYERS.update({"deltanet": delta_layer, "gated_deltanet": delta_layer})

@@ -45,7 +45,7 @@ def tokens(b, t, seed):
 
 def test_the_registry_has_the_shipped_kinds_each_with_a_paper_and_a_variant():
   assert {"softmax", "sliding_window", "block_sparse", "moba", "linear", "simple_gla",
-          "gla"} <= set(KINDS)
+          "gla", "diff", "selective", "deltanet", "gated_deltanet"} <= set(KINDS)
   assert KINDS[0] == "softmax"
   for kind in KINDS:
     cls = mixers.get(kind)
@@ -73,6 +73,8 @@ EXTRA_CASES = [  # options off by default, tested on
     ("linear", {"normalize": False, "feature_map": "identity"}),
     ("gla", {"short_conv": True}),
     ("selective", {"position": "alibi", "qk_norm": True, "output_gate": True}),
+    ("deltanet", {"short_conv": False, "output_gate": True}),
+    ("gated_deltanet", {"expand_v": 1.0, "output_norm": False}),
     ("simple_gla", {"short_conv": False, "output_gate": False}),
 ]
 

@@ -57,6 +57,12 @@ class GatedDeltaNet(DeltaNet):
   paper = "Yang et al., ICLR 2025 (Gated Delta Networks: Improving Mamba2 with Delta Rule)"
 
   @classmethod
+  def ready_variants(cls):
+    # the hybrids of Qwen3-Next and Kimi Linear: three Gated DeltaNet layers to one softmax
+    return {"gated_deltanet": {},
+            "hybrid_gdn": {"layer_pattern": "gated_deltanet,gated_deltanet,gated_deltanet,softmax"}}
+
+  @classmethod
   def head_dims(cls, dims, options):
     return dims.head_dim, int(dims.head_dim * options.expand_v)
 
