@@ -125,7 +125,7 @@ def _chunk_step(state, inputs):
 
 def delta_chunked(q, k, v, beta, *, log_gates=None, segment_ids=None, chunk_size=64,
                   initial_state=None, return_state=False):
-  """The chunked WY / UT-transform form (DeltaNet, Sec. 3; Gated DeltaNet, Sec. 3.3).
+  """The chunked WY / UT-transform form of the DeltaNet and Gated DeltaNet papers.
 
   Inside a chunk of C tokens with the state S entering it, let c_i = sum_{r<=i} g_r (cumulative
   log-gates from the chunk start) and D_ij = exp(c_i - c_j) for j <= i (0 above the diagonal).
