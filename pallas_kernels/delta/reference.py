@@ -27,6 +27,8 @@ in q's dtype and states in the compute dtype.
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -78,6 +80,12 @@ def _token_update(state, q_t, k_t, v_t, b_t, g_t):
   return s, jnp.einsum("bhgd,bhde->bhge", q_t, s)
 
 
+def _recurrent_step(state, inputs):
+  q_t, k_t, v_t, b_t, g_t, reset_t = inputs
+  state = jnp.where(reset_t[:, None, None, None], 0.0, state)  # a new document starts empty
+  return _token_update(state, q_t, k_t, v_t, b_t, g_t)
+
+
 def delta_recurrent(q, k, v, beta, *, log_gates=None, segment_ids=None, initial_state=None,
                     return_state=False):
   """The recurrent form: a lax.scan over tokens, the rule exactly as written in the module doc.
@@ -86,25 +94,38 @@ def delta_recurrent(q, k, v, beta, *, log_gates=None, segment_ids=None, initial_
   [B, T, Hkv], segment_ids None or [B, T], initial_state None or [B, Hkv, Dk, Dv].
   Returns o [B, T, Hq, Dv] (q's dtype), or (o, final state [B, Hkv, Dk, Dv]) with return_state.
   """
+  return _recurrent(q, k, v, beta, log_gates, segment_ids, initial_state, return_state)
+
+
+# Both forms run under jit (a nested jit is inlined under an outer one): called eagerly (tests,
+# notebooks) they compile once per shape instead of once per operation. Positional arguments keep
+# the jit cache key the same whichever keywords the caller spelled out.
+@functools.partial(jax.jit, static_argnums=(7,))
+def _recurrent(q, k, v, beta, log_gates, segment_ids, initial_state, return_state):
   qg, k, v, beta, g, s0 = _prepare(q, k, v, beta, log_gates, initial_state)
   b, t = q.shape[:2]
   runs = _runs(segment_ids, b, t)
   reset = jnp.concatenate([jnp.zeros((b, 1), bool), runs[:, 1:] != runs[:, :-1]], axis=1)
 
-  def step(state, inputs):
-    q_t, k_t, v_t, b_t, g_t, reset_t = inputs
-    state = jnp.where(reset_t[:, None, None, None], 0.0, state)  # a new document starts empty
-    return _token_update(state, q_t, k_t, v_t, b_t, g_t)
-
   xs = tuple(jnp.moveaxis(x, 1, 0) for x in (qg, k, v, beta, g, reset))
-  state, o = jax.lax.scan(step, s0, xs)
+  state, o = jax.lax.scan(_recurrent_step, s0, xs)
   o = _ungroup(jnp.moveaxis(o, 0, 1), q.dtype)
   return (o, state) if return_state else o
 
 
+def _chunk_step(state, inputs):
+  """One chunk of the scan in delta_chunked: the delta values against the carried state, the
+  outputs, and the state after the chunk."""
+  w, u_local, qk, q_in, k_out, a_chunk = inputs
+  u = u_local - jnp.einsum("bihd,bhde->bihe", w, state)
+  o = jnp.einsum("bihgd,bhde->bihge", q_in, state) + jnp.einsum("bijhg,bjhe->bihge", qk, u)
+  state = a_chunk[..., None, None] * state + jnp.einsum("bjhd,bjhe->bhde", k_out, u)
+  return state, o
+
+
 def delta_chunked(q, k, v, beta, *, log_gates=None, segment_ids=None, chunk_size=64,
                   initial_state=None, return_state=False):
-  """The chunked WY / UT-transform form (DeltaNet, Sec. 3; Gated DeltaNet, Sec. 3.3).
+  """The chunked WY / UT-transform form of the DeltaNet and Gated DeltaNet papers.
 
   Inside a chunk of C tokens with the state S entering it, let c_i = sum_{r<=i} g_r (cumulative
   log-gates from the chunk start) and D_ij = exp(c_i - c_j) for j <= i (0 above the diagonal).
@@ -125,6 +146,11 @@ def delta_chunked(q, k, v, beta, *, log_gates=None, segment_ids=None, chunk_size
 
   Shapes as delta_recurrent. Returns o [B, T, Hq, Dv], or (o, final state) with return_state.
   """
+  return _chunked(q, k, v, beta, log_gates, segment_ids, initial_state, chunk_size, return_state)
+
+
+@functools.partial(jax.jit, static_argnums=(7, 8))
+def _chunked(q, k, v, beta, log_gates, segment_ids, initial_state, chunk_size, return_state):
   qg, k, v, beta, g, s0 = _prepare(q, k, v, beta, log_gates, initial_state)
   b, t, hkv, grp, dk = qg.shape
   dv = v.shape[-1]
@@ -168,16 +194,8 @@ def delta_chunked(q, k, v, beta, *, log_gates=None, segment_ids=None, chunk_size
   k_out = ck * (jnp.exp(cum[:, :, -1:] - cum) * in_last[..., None])[..., None]
   a_chunk = jnp.exp(cum[:, :, -1]) * carried[..., None]  # [B, N, Hkv]
 
-  def step(state, inputs):
-    w_n, u_n, qk_n, q_n, k_n, a_n = inputs
-    u_n = u_n - jnp.einsum("bihd,bhde->bihe", w_n, state)  # the chunk's delta values
-    o = (jnp.einsum("bihgd,bhde->bihge", q_n, state)
-         + jnp.einsum("bijhg,bjhe->bihge", qk_n, u_n))
-    state = a_n[..., None, None] * state + jnp.einsum("bjhd,bjhe->bhde", k_n, u_n)
-    return state, o
-
   xs = tuple(jnp.moveaxis(x, 1, 0) for x in (w, u_local, qk, q_in, k_out, a_chunk))
-  state, o = jax.lax.scan(step, s0, xs)  # o [N, B, C, Hkv, G, Dv]
+  state, o = jax.lax.scan(_chunk_step, s0, xs)  # o [N, B, C, Hkv, G, Dv]
   o = jnp.moveaxis(o, 0, 1).reshape(b, n * c, hkv, grp, dv)[:, :t]
   o = _ungroup(o, q.dtype)
   return (o, state) if return_state else o
