@@ -51,7 +51,8 @@ class Checkpointer:
     self.manager = ocp.CheckpointManager(
         self.directory, options=options,
         item_handlers={"state": ocp.StandardCheckpointHandler(),
-                       "data": ocp.JsonCheckpointHandler()})
+                       "data": ocp.JsonCheckpointHandler(),
+                       "config": ocp.JsonCheckpointHandler()})
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -59,10 +60,13 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return list(self.manager.all_steps())
 
-  def save(self, step: int, state, data_state: dict | None) -> None:
-    """Saves `state` (written by all processes together) and this process's iterator state
-    (every process's, gathered, so that each finds its own on restore)."""
+  def save(self, step: int, state, data_state: dict | None, config: dict | None = None) -> None:
+    """Saves `state` (written by all processes together), this process's iterator state (every
+    process's, gathered, so that each finds its own on restore) and `config`: the resolved
+    config and the run's metadata ({"config": ..., "run": ...}) that the checkpoint belongs to."""
     args = {"state": ocp.args.StandardSave(state)}
+    if config is not None:
+      args["config"] = ocp.args.JsonSave(config)
     if data_state is not None:
       args["data"] = ocp.args.JsonSave({"process_count": jax.process_count(),
                                         "states": _gather_json(data_state)})
@@ -91,6 +95,15 @@ class Checkpointer:
       # the host's shard of the documents.
       return restored["state"], DataStateMismatch(data["process_count"])
     return restored["state"], data["states"][jax.process_index()]
+
+  def saved_config(self, step: int) -> dict | None:
+    """{"config": the resolved config, "run": metadata} saved with `step`; None for a
+    checkpoint written without one."""
+    path = os.path.join(self.directory, str(step), "config")
+    if not os.path.isdir(path):
+      return None
+    return self.manager.restore(step, args=ocp.args.Composite(
+        config=ocp.args.JsonRestore()))["config"]
 
   def check_compatible(self, step: int, abstract_state) -> None:
     """Raises ValueError naming the first array whose shape or dtype differs from the saved one."""

@@ -10,6 +10,15 @@ from absl import flags
 from lmtrain import config as config_lib
 
 
+_ALLOW_MISMATCH = flags.DEFINE_bool(
+    "allow_config_mismatch", False,
+    "Use a checkpoint whose saved model config differs from --config (results record both).")
+
+
+def allow_config_mismatch() -> bool:
+  return _ALLOW_MISMATCH.value
+
+
 def fail(message: str, code: int = 2):
   print(f"lmtrain: error: {message}", file=sys.stderr, flush=True)
   sys.exit(code)
@@ -25,6 +34,12 @@ def parse_flags_or_exit(argv):
     fail(_one_line(e))
 
 
+def one_line(error: Exception) -> str:
+  """The first line of an error's message."""
+  text = str(error).strip()
+  return text.splitlines()[0] if text else ""
+
+
 def _one_line(error: Exception) -> str:
   """The useful line of an error: for a wrapped traceback, its last line without the type."""
   text = str(error).strip()
@@ -37,8 +52,9 @@ def _one_line(error: Exception) -> str:
   return " ".join(text.split())
 
 
-def load_config(config_flag_holder):
-  """The parsed --config (ml_collections loads the file lazily), or exit 2 with one line."""
+def load_config(config_flag_holder, *, required: bool = True):
+  """The parsed, resolved --config (ml_collections loads the file lazily), or exit 2 with one
+  line; None when it was not given and is not required."""
   filename = str(flags.FLAGS["config"].config_filename or "").split(":")[0]
   if filename and not os.path.isfile(filename):
     fail(f"--config file {filename!r} does not exist")
@@ -51,6 +67,8 @@ def load_config(config_flag_holder):
   except Exception as e:
     fail(f"--config: {_one_line(e)}")
   if cfg is None:
+    if not required:
+      return None
     fail("--config is required (e.g. --config configs/tiny.py)")
   return validated(cfg)
 
@@ -63,14 +81,14 @@ def validated(cfg):
     fail(str(e))
 
 
-def start(argv, config_holder, workdir_flag):
+def start(argv, config_holder, workdir_flag, *, config_required: bool = True):
   """The common start of the entry points: quiet logs, no stray arguments, a valid config and a
   workdir. Returns (cfg, workdir) or exits 2 with one line."""
   from absl import logging
   logging.set_verbosity(logging.WARNING)
   if len(argv) > 1:
     fail(f"unexpected arguments: {' '.join(argv[1:])}")
-  cfg = load_config(config_holder)
+  cfg = load_config(config_holder, required=config_required)
   if not workdir_flag.value:
     fail("--workdir is required")
   return cfg, workdir_flag.value

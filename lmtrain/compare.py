@@ -13,6 +13,7 @@ import sys
 
 import numpy as np
 
+from lmtrain import provenance
 from lmtrain.evals import report
 
 
@@ -31,7 +32,22 @@ def load_run(workdir: str) -> dict | None:
           "attention": first.get("attention"), "num_params": first.get("num_params"),
           "train_seq_len": first.get("train_seq_len"),
           "step": max(e["step"] for e in evals.values()),
+          "config": first.get("config"), "run": first.get("run"),
           **{k: v["result"] for k, v in evals.items()}}
+
+
+def differing_fields(runs: list[dict]) -> list[str]:
+  """Every resolved config field whose value is not the same in all compared runs."""
+  flat = [provenance.flatten(r["config"]) if r.get("config") else {} for r in runs]
+  keys = sorted(set().union(*flat)) if flat else []
+  return [k for k in keys if len({repr(f.get(k)) for f in flat}) > 1]
+
+
+def code_label(run: dict) -> str:
+  r = run.get("run") or {}
+  if not r.get("source_hash"):
+    return "-"
+  return r["source_hash"][:8] + ("+dirty" if r.get("git_dirty") else "")
 
 
 def _fmt(x, spec=".3f"):
@@ -42,9 +58,12 @@ def table(runs: list[dict]) -> str:
   """The markdown table: one row per run."""
   cols = ["run", "attention", "params", "step", "ppl", "bits/byte", "ppl (sliding)",
           "NIAH eff. length (synth/natural)", "NIAH answer NLL", "ppl @T", "ppl @4T",
-          "ppl @16T", "MQAR acc"]
+          "ppl @16T", "MQAR acc", "code", "config fields that differ"]
   lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+  differ = differing_fields(runs)
   for r in runs:
+    flat = provenance.flatten(r["config"]) if r.get("config") else {}
+    fields = ", ".join(f"{k}={flat[k]}" for k in differ if k in flat) or "-"
     ppl = r.get("ppl", {})
     niah = {g["filler"]: g for g in r.get("niah", {}).get("grids", [])}
     eff = "/".join(str(niah[f]["effective_length"]) if f in niah else "-"
@@ -60,8 +79,18 @@ def table(runs: list[dict]) -> str:
         _fmt(ppl.get("sliding", {}).get("perplexity")), eff,
         _fmt(float(np.mean(nll)) if nll else None, ".2f"),
         _fmt(by_len.get(t)), _fmt(by_len.get(4 * t)), _fmt(by_len.get(16 * t)),
-        _fmt(mq, ".2f")]) + " |")
-  return "\n".join(lines) + "\n"
+        _fmt(mq, ".2f"), code_label(r), fields]) + " |")
+  return "\n".join(lines) + "\n" + code_note(runs)
+
+
+def code_note(runs: list[dict]) -> str:
+  """A warning line when the runs did not all run the same sources."""
+  labels = {code_label(r) for r in runs}
+  if len(labels) == 1 and "-" not in labels:
+    return ""
+  return ("\n**Warning: these runs ran different (or unrecorded) code** ("
+          + ", ".join(f"{r['name']}: {code_label(r)}" for r in runs)
+          + "); differences may come from the code, not the config.\n")
 
 
 def papers(runs: list[dict]) -> str:

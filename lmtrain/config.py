@@ -309,12 +309,38 @@ def _number_list(cfg, path: str, kind, *, low=None, high=None):
   return values
 
 
+TEXT_EVALS = ("ppl", "niah", "extrapolation")  # evals that read the data source's documents
+
+
+def check_evals(cfg, names, where: str = "eval.evals") -> None:
+  """The evals `names` can run on this config: fails before anything compiles when one cannot."""
+  for name in names:
+    if name not in EVAL_NAMES:
+      _fail(f"{where} has {name!r}, not one of {', '.join(EVAL_NAMES)} (or all)")
+    if name in TEXT_EVALS and cfg.data.source == "mqar":
+      _fail(f"{where} has {name!r}, which needs text documents, but data.source='mqar' (a "
+            "synthetic task; its eval is mqar)")
+  if "niah" in names:
+    from lmtrain.data.tokenizers import get_tokenizer
+    from lmtrain.evals import needle
+    shortest = needle.prompt_tokens(get_tokenizer(cfg.data.tokenizer)) + 16
+    lengths = _number_list(cfg, "eval.lengths", int, low=1)
+    if lengths and min(lengths) < shortest:
+      _fail(f"eval.lengths={cfg.eval.lengths!r}: NIAH contexts need at least {shortest} tokens "
+            f"(its prompt takes {shortest - 16})")
+    if not lengths and 2 * cfg.data.seq_len < shortest:
+      _fail(f"data.seq_len={cfg.data.seq_len}: the default NIAH lengths (up to 2 x seq_len) are "
+            f"shorter than its {shortest}-token minimum; set eval.lengths")
+
+
+def eval_list(text: str) -> list[str]:
+  names = [x.strip() for x in str(text).split(",") if x.strip()]
+  return list(EVAL_NAMES) if names == ["all"] else names
+
+
 def validate_eval(cfg) -> None:
   e = cfg.eval
-  names = [x.strip() for x in e.evals.split(",") if x.strip()]
-  for name in names:
-    if name not in EVAL_NAMES and name != "all":
-      _fail(f"eval.evals={e.evals!r} has {name!r}, not one of {', '.join(EVAL_NAMES)} (or all)")
+  check_evals(cfg, eval_list(e.evals))
   _number_list(cfg, "eval.lengths", int, low=1)
   _number_list(cfg, "eval.niah_depths", float, low=0.0, high=1.0)
   _number_list(cfg, "eval.extrapolation_factors", float, low=1e-9)

@@ -1,7 +1,10 @@
-"""Evaluate a checkpoint: python -m lmtrain.evaluate --config ... --workdir DIR [--evals ...]
+"""Evaluate a checkpoint: python -m lmtrain.evaluate --workdir DIR [--config ...] [--evals ...]
 
 Restores the latest checkpoint of DIR (or --step), runs the evals, and writes one JSON per eval
-to DIR/evals/ and the scalars and images to TensorBoard in DIR.
+to DIR/evals/ and the scalars and images to TensorBoard in DIR. Without --config the
+checkpoint's own (resolved) config is used; with one, its model must be the checkpoint's
+(a mismatch is refused in one line naming the fields, unless --allow_config_mismatch, and then
+the eval JSONs record both configs).
 """
 from __future__ import annotations
 
@@ -13,7 +16,10 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from lmtrain import cli
+import ml_collections
+
+from lmtrain import cli, provenance
+from lmtrain import config as config_lib
 from lmtrain.checkpoint import Checkpointer
 from lmtrain.evals.runner import EvalSuite, eval_names
 from lmtrain.metrics import MetricWriter
@@ -26,8 +32,11 @@ _EVALS = flags.DEFINE_string("evals", "all", "Comma list of ppl, niah, extrapola
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
 
 
-def evaluate(cfg, workdir: str, names, step: int | None = None) -> dict:
-  ckpt = Checkpointer(workdir, keep=max(cfg.train.keep_checkpoints, 1))
+class ConfigMismatch(ValueError):
+  pass
+
+
+def checkpoint_step(ckpt, step: int | None) -> int:
   steps = ckpt.all_steps()
   if not steps:
     raise FileNotFoundError(f"no checkpoint in {ckpt.directory}")
@@ -35,12 +44,53 @@ def evaluate(cfg, workdir: str, names, step: int | None = None) -> dict:
   if step not in steps:
     raise FileNotFoundError(f"no checkpoint at step {step} in {ckpt.directory} "
                             f"(have {sorted(steps)})")
-  trainer = Trainer.from_config(cfg)
-  state, _ = ckpt.restore(step, trainer.abstract_state())
-  ckpt.close()
+  return step
+
+
+def checked_config(cfg, saved: dict | None, step: int, directory: str, *, allow: bool):
+  """The config to evaluate with, and the checkpoint's when it differs (else None): cfg=None
+  takes the checkpoint's own; a model that differs from the checkpoint's is refused unless
+  allowed."""
+  if cfg is None:
+    if saved is None:
+      raise ConfigMismatch(f"the checkpoint at step {step} in {directory} has no saved config: "
+                           "give --config")
+    return cli.validated(ml_collections.ConfigDict(saved["config"])), None
+  if saved is None:
+    return cfg, None
+  diffs = provenance.differences(saved["config"], cfg.to_dict())
+  if diffs and not allow:
+    raise ConfigMismatch(f"the checkpoint at step {step} in {directory} was trained with another "
+                         f"model: {provenance.describe(diffs, 'checkpoint', '--config')} (pass "
+                         "--allow_config_mismatch to evaluate it anyway)")
+  return cfg, (saved if diffs else None)
+
+
+def evaluate(cfg, workdir: str, names, step: int | None = None, *,
+             allow_config_mismatch: bool = False, evals_flag: str = "--evals") -> dict:
+  """Runs `names` on the checkpoint at `step` (default: the latest). cfg None: the config saved
+  with the checkpoint."""
+  ckpt = Checkpointer(workdir, keep=max(cfg.train.keep_checkpoints, 1) if cfg else 1,
+                      async_save=False)
+  try:
+    step = checkpoint_step(ckpt, step)
+    saved = ckpt.saved_config(step)
+    cfg, other = checked_config(cfg, saved, step, ckpt.directory, allow=allow_config_mismatch)
+    if evals_flag == "all" and cfg.data.source == "mqar":  # all that apply to a synthetic task
+      names = [n for n in names if n not in config_lib.TEXT_EVALS]
+    config_lib.check_evals(cfg, names, where=f"--evals={evals_flag!r}")
+    trainer = Trainer.from_config(cfg)
+    try:
+      state, _ = ckpt.restore(step, trainer.abstract_state())
+    except (ValueError, KeyError) as e:
+      raise ConfigMismatch(f"the checkpoint at step {step} in {ckpt.directory} does not fit this "
+                           f"config: {str(e).splitlines()[0]}") from e
+  finally:
+    ckpt.close()
   params = state["params"]
   num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
-  suite = EvalSuite(cfg, trainer.model, num_params=num_params)
+  suite = EvalSuite(cfg, trainer.model, num_params=num_params,
+                    checkpoint_config=None if other is None else other["config"])
   writer = MetricWriter(workdir)
   try:
     return suite.run(params, names, step=step, writer=writer,
@@ -50,14 +100,24 @@ def evaluate(cfg, workdir: str, names, step: int | None = None) -> dict:
 
 
 def main(argv):
-  cfg, workdir = cli.start(argv, _CONFIG, _WORKDIR)
+  cfg, workdir = cli.start(argv, _CONFIG, _WORKDIR, config_required=False)
   try:
     names = eval_names(_EVALS.value)
   except ValueError as e:
     cli.fail(f"--evals: {e}")
+  if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+    cli.fail(f"no checkpoints in {workdir} (train first: python -m lmtrain.train --config ... "
+             f"--workdir {workdir})")
+  if cfg is not None and _EVALS.value != "all":
+    try:
+      config_lib.check_evals(cfg, names, where=f"--evals={_EVALS.value!r}")
+    except config_lib.ConfigError as e:
+      cli.fail(str(e))
   try:
-    results = evaluate(cfg, workdir, names, _STEP.value)
-  except FileNotFoundError as e:
+    results = evaluate(cfg, workdir, names, _STEP.value,
+                       allow_config_mismatch=cli.allow_config_mismatch(),
+                       evals_flag=_EVALS.value)
+  except (FileNotFoundError, ConfigMismatch, config_lib.ConfigError) as e:
     cli.fail(str(e))
   for name, result in results.items():
     print(f"lmtrain: {name}: {_headline(name, result)}", flush=True)

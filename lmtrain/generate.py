@@ -219,30 +219,33 @@ _LENGTHS = flags.DEFINE_string("lengths", "256,1024,4096", "--bench: context len
 _KINDS = flags.DEFINE_string("kinds", "", "--bench: attention kinds (default: all).")
 
 
-def load_params(cfg, workdir: str, step: int | None):
-  from lmtrain.checkpoint import Checkpointer
-  from lmtrain.trainer import Trainer
+def load_params(cfg, workdir: str, step: int | None, *, allow_config_mismatch: bool = False):
+  """(params, step, cfg) of the checkpoint at `step` (default: the latest); cfg None takes the
+  checkpoint's own config, and a given one must have the checkpoint's model."""
   import os
+
+  from lmtrain.checkpoint import Checkpointer
+  from lmtrain.evaluate import ConfigMismatch, checked_config, checkpoint_step
+  from lmtrain.trainer import Trainer
   if not os.path.isdir(os.path.join(workdir, "checkpoints")):
     raise GenerateError(f"no checkpoints in {workdir} (train first: python -m lmtrain.train "
                         f"--config ... --workdir {workdir})")
-  ckpt = Checkpointer(workdir, keep=max(cfg.train.keep_checkpoints, 1), async_save=False)
+  ckpt = Checkpointer(workdir, keep=1, async_save=False)
   try:
-    steps = ckpt.all_steps()
-    if not steps:
-      raise GenerateError(f"no checkpoint in {ckpt.directory}")
-    step = max(steps) if step is None else step
-    if step not in steps:
-      raise GenerateError(f"no checkpoint at step {step} in {ckpt.directory} (have {steps})")
+    step = checkpoint_step(ckpt, step)
+    cfg, _ = checked_config(cfg, ckpt.saved_config(step), step, ckpt.directory,
+                            allow=allow_config_mismatch)
     trainer = Trainer.from_config(cfg)
     try:
       state, _ = ckpt.restore(step, trainer.abstract_state())
     except (ValueError, KeyError) as e:
       raise GenerateError(f"the checkpoint at step {step} in {ckpt.directory} does not fit this "
                           f"config: {str(e).splitlines()[0]}") from e
+  except (FileNotFoundError, ConfigMismatch) as e:
+    raise GenerateError(str(e)) from e
   finally:
     ckpt.close()
-  return state["params"], step
+  return state["params"], step, cfg
 
 
 def bench(cfg, lengths, kinds, *, decode_steps: int = 32, out=sys.stdout) -> list[dict]:
@@ -289,7 +292,7 @@ def main(argv):
 
   from lmtrain.data.tokenizers import get_tokenizer
   logging.set_verbosity(logging.WARNING)
-  cfg = cli.load_config(_CONFIG) if _CONFIG.value is not None or not _BENCH.value else None
+  cfg = cli.load_config(_CONFIG, required=False)
   if len(argv) > 1:
     cli.fail(f"unexpected arguments: {' '.join(argv[1:])}")
   if _BENCH.value:
@@ -330,12 +333,16 @@ def main(argv):
                          ("--batch", _BATCH, _BATCH.value >= 1)):
     if not ok:
       cli.fail(f"{name}={flag.value} is out of range")
+  try:
+    params, step, cfg = load_params(cfg, _WORKDIR.value, _STEP.value,
+                                    allow_config_mismatch=cli.allow_config_mismatch())
+  except GenerateError as e:
+    cli.fail(str(e))
   tok = get_tokenizer(cfg.data.tokenizer)
   if _TOP_K.value > cfg.model.vocab_size:
     cli.fail(f"--top_k={_TOP_K.value} exceeds the vocabulary ({cfg.model.vocab_size})")
   prompt = np.concatenate([[tok.bos_id], tok.encode(text)]).astype(np.int32)
   try:
-    params, step = load_params(cfg, _WORKDIR.value, _STEP.value)
     gen = generate(params, cfg, [prompt] * _BATCH.value, max_new_tokens=_MAX_NEW.value,
                    temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value,
                    seed=_SEED.value, eos_id=tok.eos_id)

@@ -18,7 +18,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from lmtrain import cli, distributed, parallel
+from lmtrain import cli, distributed, parallel, provenance
 from lmtrain.checkpoint import Checkpointer, DataStateMismatch
 from lmtrain.data import heldout_batches, set_iterator_state, train_dataset
 from lmtrain.data.pipeline import BATCH_KEYS
@@ -110,9 +110,11 @@ def _to_global(batch, sharding, columns=None):
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
 
 
-def train(cfg, workdir: str) -> dict:
-  """Runs (or resumes) training to cfg.train.steps; returns the final metrics."""
+def train(cfg, workdir: str, *, allow_config_mismatch: bool = False) -> dict:
+  """Runs (or resumes) training to cfg.train.steps; returns the final metrics. Resuming from a
+  checkpoint whose model differs from cfg's is refused (CheckpointMismatch) unless allowed."""
   os.makedirs(workdir, exist_ok=True)
+  record = {"config": cfg.to_dict(), "run": provenance.run_metadata()}
   mesh = parallel.make_mesh(cfg.mesh)
   trainer = Trainer.from_config(cfg)
   shardings = trainer.state_shardings(mesh)
@@ -131,6 +133,14 @@ def train(cfg, workdir: str) -> dict:
                       out_shardings=shardings)(cfg.train.seed)
     _log(f"starting at step 0 in {workdir}")
   else:
+    saved = ckpt.saved_config(latest)
+    if saved is not None:
+      diffs = provenance.differences(saved["config"], record["config"])
+      if diffs and not allow_config_mismatch:
+        raise CheckpointMismatch(
+            f"the checkpoint at step {latest} in {ckpt.directory} was written with another model: "
+            f"{provenance.describe(diffs, 'checkpoint', 'this config')} (pass "
+            "--allow_config_mismatch to resume anyway)")
     try:
       state, data_state = ckpt.restore(latest, abstract_state, shardings)
     except (ValueError, KeyError) as e:
@@ -170,11 +180,12 @@ def train(cfg, workdir: str) -> dict:
   all_finite = jax.jit(lambda tree: jnp.all(jnp.asarray(
       [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)])))
   writer = MetricWriter(workdir)
-  if start == 0:
-    writer.text(0, "config", "```\n" + cfg.to_json_best_effort(indent=2) + "\n```")
-    if jax.process_index() == 0:
-      with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(cfg.to_json_best_effort(indent=2))
+  writer.text(start, "config", "```\n" + json.dumps(record, indent=2) + "\n```")
+  if jax.process_index() == 0:  # the resolved config and what ran it, as of this start
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(cfg.to_json_best_effort(indent=2))
+    with open(os.path.join(workdir, "run.json"), "w") as f:
+      json.dump(record["run"], f, indent=2)
   progress = Progress(cfg.train.steps)
   tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
   flops_per_step = train_flops_per_step(cfg.model, cfg.data.batch_size, cfg.data.seq_len)
@@ -224,7 +235,13 @@ def train(cfg, workdir: str) -> dict:
         save = last or step % cfg.train.checkpoint_every == 0 or stopping is not None
         if save or step % cfg.train.log_every == 0:
           flush(step)
-        if last or step % cfg.train.eval_every == 0:
+        if save:
+          if not bool(all_finite(state["params"])):  # never checkpoint a diverged state
+            raise NonFiniteLoss(f"parameters are not finite after step {step}; stopping. The "
+                                f"last good checkpoint is step {last_good} in {ckpt.directory}")
+          ckpt.save(step, state, data_iter.get_state(), record)
+          last_good = step
+        if last or step % cfg.train.eval_every == 0:  # after the save: an eval loses nothing
           sums = [eval_fn(state["params"], b) for b in heldout]
           loss_sum, count = jax.device_get(jnp.sum(jnp.asarray(sums), axis=0))
           final["eval_loss"] = float(loss_sum / count)
@@ -232,15 +249,13 @@ def train(cfg, workdir: str) -> dict:
           progress.message(f"step {step}: eval/loss {final['eval_loss']:.4f} nats/token "
                            f"({count:.0f} held-out tokens)")
           if eval_suite is not None:
-            eval_suite.run(state["params"], eval_names(cfg.eval.evals), step=step,
-                           writer=writer, out_dir=os.path.join(workdir, "evals"))
+            try:
+              eval_suite.run(state["params"], eval_names(cfg.eval.evals), step=step,
+                             writer=writer, out_dir=os.path.join(workdir, "evals"))
+            except Exception as e:  # an eval that fails must not end the training
+              progress.message(f"lmtrain: warning: the evals at step {step} failed and training "
+                               f"goes on: {type(e).__name__}: {cli.one_line(e)}")
           watch.lap()  # eval time is not train step time
-        if save:
-          if not bool(all_finite(state["params"])):  # never checkpoint a diverged state
-            raise NonFiniteLoss(f"parameters are not finite after step {step}; stopping. The "
-                                f"last good checkpoint is step {last_good} in {ckpt.directory}")
-          ckpt.save(step, state, data_iter.get_state())
-          last_good = step
         if stopping is not None:
           progress.message(f"lmtrain: {stopping}: saved a checkpoint at step {step}; exiting")
           break
@@ -256,17 +271,17 @@ def abstract_with(abstract_state, shardings):
 
 
 def main(argv):
-  cfg, workdir = cli.start(argv, _CONFIG, _WORKDIR)
-  try:
+  try:  # before anything touches a JAX backend (config validation may ask for kernels)
     distributed.initialize()
   except ValueError as e:
     cli.fail(str(e))
+  cfg, workdir = cli.start(argv, _CONFIG, _WORKDIR)
   try:
     parallel.check_config_fits_mesh(cfg, parallel.mesh_shape(cfg.mesh, jax.device_count()))
   except parallel.MeshError as e:
     cli.fail(str(e))
   try:
-    final = train(cfg, workdir)
+    final = train(cfg, workdir, allow_config_mismatch=cli.allow_config_mismatch())
   except NonFiniteLoss as e:
     cli.fail(str(e), code=1)
   except CheckpointMismatch as e:

@@ -134,7 +134,7 @@ def test_the_command_generates_and_rejects_bad_input(tmp_path):
   assert proc.stdout.startswith("def ")
   assert "prefill" in proc.stderr and "decode" in proc.stderr and "cache" in proc.stderr
   bad = [(["--prompt", ""], "empty"), (["--prompt", "x" * 20000], "more than this model"),
-         (["--prompt", "x", "--config.model.num_layers=3"], "does not fit this config")]
+         (["--prompt", "x", "--config.model.num_layers=3"], "another model: model.num_layers")]
   for extra, needle in bad:
     proc = run_module("lmtrain.generate", args + ["--workdir", workdir, *extra])
     assert proc.returncode == 2, proc.stderr

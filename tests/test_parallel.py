@@ -135,6 +135,21 @@ def test_two_processes_train_together_like_one_process_with_the_global_batch(tmp
   assert "2 processes" in data_state.message()
 
 
+@pytest.mark.slow
+def test_launch_local_two_processes_with_an_explicit_kernel_impl(tmp_path):
+  """Config validation asks the kernels' table for the backend: it must run after
+  jax.distributed.initialize, or a multi-process run with an explicit impl dies at start-up."""
+  workdir = str(tmp_path / "impl")
+  args = cli_args(**{"train.steps": 1, "train.checkpoint_every": 1, "train.eval_every": 1,
+                     "train.warmup_steps": 0, "data.eval_batches": 1, "model.num_layers": 1,
+                     "data.seq_len": 16, "data.batch_size": 2, "model.attention.impl": "interpret"})
+  proc = subprocess.run(["bash", "launch/local.sh", "2", "--port", "23467", "--", *args,
+                         "--workdir", workdir], cwd=REPO, capture_output=True, text=True,
+                        timeout=600, env={**os.environ, "PYTHON": sys.executable})
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  assert "[0] lmtrain: done" in proc.stdout
+
+
 # ---- FLOPs -----------------------------------------------------------------------------------
 
 def test_pair_counts_of_the_sparse_kinds():
@@ -166,28 +181,58 @@ def test_matmul_flops_are_six_per_parameter_per_token():
 
 # ---- launch scripts --------------------------------------------------------------------------
 
-def test_tpu_pod_dry_run_prints_every_gcloud_command():
-  proc = subprocess.run(["bash", "launch/tpu_pod.sh", "--name", "pod1", "--zone", "us-east5-a",
-                         "--accelerator", "v5p-64", "--dry-run", "--", "--config",
-                         "configs/tiny.py", "--workdir", "/mnt/runs/x"], cwd=REPO,
-                        capture_output=True, text=True, timeout=60)
+def _git_copy(dest):
+  """A committed copy of the repository's launch scripts in a fresh git repository."""
+  import shutil
+  os.makedirs(os.path.join(dest, "launch"))
+  shutil.copy(os.path.join(REPO, "launch", "tpu_pod.sh"), os.path.join(dest, "launch"))
+  with open(os.path.join(dest, "README.md"), "w") as f:
+    f.write("x\n")
+  git = lambda *a: subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *a],
+                                  cwd=dest, check=True, capture_output=True)
+  git("init", "-q")
+  git("add", "-A")
+  git("commit", "-qm", "x")
+  return dest
+
+
+def test_tpu_pod_dry_run_prints_every_gcloud_command(tmp_path):
+  copy = _git_copy(str(tmp_path / "repo"))
+  pod = lambda *args: subprocess.run(["bash", "launch/tpu_pod.sh", *args], cwd=copy,
+                                     capture_output=True, text=True, timeout=60)
+  proc = pod("--name", "pod1", "--zone", "us-east5-a", "--accelerator", "v5p-64", "--dry-run",
+             "--", "--config", "configs/tiny.py", "--workdir", "/mnt/runs/x")
   assert proc.returncode == 0, proc.stderr
-  lines = proc.stdout.splitlines()
+  lines = [l for l in proc.stdout.splitlines() if l.startswith("+")]
   assert lines[0] == ("+ gcloud compute tpus tpu-vm create pod1 --zone us-east5-a "
                       "--accelerator-type v5p-64 --version v2-alpha-tpuv5")
+  assert "shipping commit" in proc.stdout and "(clean)" in proc.stdout
+  assert any("git archive --format=tar.gz -o /tmp/lmtrain-pod1.tgz HEAD" in l for l in lines)
   assert any("tpu-vm scp /tmp/lmtrain-pod1.tgz pod1:lmtrain.tgz --zone us-east5-a --worker=all"
              in l for l in lines)
   run = [l for l in lines if "lmtrain.train" in l]
   assert len(run) == 1 and "--worker=all" in run[0] and "configs/tiny.py" in run[0]
+  assert "LMTRAIN_GIT_DIRTY=0" in run[0] and "LMTRAIN_GIT_COMMIT=" in run[0]
   assert lines[-1] == "+ gcloud compute tpus tpu-vm delete pod1 --zone us-east5-a --quiet"
-  proc = subprocess.run(["bash", "launch/tpu_pod.sh", "--name", "q", "--zone", "z",
-                         "--accelerator", "v4-32", "--queued", "--keep", "--dry-run", "--", "x"],
-                        cwd=REPO, capture_output=True, text=True, timeout=60)
+  proc = pod("--name", "q", "--zone", "z", "--accelerator", "v4-32", "--queued", "--keep",
+             "--dry-run", "--", "x")
   assert "queued-resources create q --node-id q" in proc.stdout
   assert "delete" not in proc.stdout  # --keep
-  proc = subprocess.run(["bash", "launch/tpu_pod.sh", "--zone", "z", "--dry-run", "--", "x"],
-                        cwd=REPO, capture_output=True, text=True, timeout=60)
+  proc = pod("--zone", "z", "--dry-run", "--", "x")
   assert proc.returncode == 2 and "--name is required" in proc.stderr
+  assert sorted(os.listdir(copy)) == [".git", "README.md", "launch"]  # no log written here
+  # an edited checkout is refused (the run would be attributed to code that did not run) ...
+  with open(os.path.join(copy, "README.md"), "a") as f:
+    f.write("edited\n")
+  args = ["--name", "d", "--zone", "z", "--accelerator", "v4-8", "--dry-run", "--", "x"]
+  proc = pod(*args)
+  assert proc.returncode == 2 and "uncommitted changes (README.md)" in proc.stderr
+  assert proc.stdout == ""
+  # ... unless the working tree is shipped as it is, which the run then records as dirty
+  proc = pod("--allow-dirty", *args)
+  assert proc.returncode == 0, proc.stderr
+  assert "shipping the working tree" in proc.stdout and "LMTRAIN_GIT_DIRTY=1" in proc.stdout
+  assert "ls-files" in proc.stdout and "--exclude-standard" in proc.stdout
 
 
 def test_sequence_parallel_mesh_rejects_kinds_ring_attention_cannot_run(tmp_path):
@@ -195,7 +240,8 @@ def test_sequence_parallel_mesh_rejects_kinds_ring_attention_cannot_run(tmp_path
   args[1] = "configs/tiny.py:attention=linear"
   proc = run_module("lmtrain.train", args, env=EIGHT)
   assert proc.returncode == 2
-  assert "runs attention kind softmax only, not linear" in proc.stderr.strip().splitlines()[-1]
+  assert ("attention kind 'linear' has no sequence-parallel form"
+          in proc.stderr.strip().splitlines()[-1])
   proc = run_module("lmtrain.train", cli_args(**{"mesh.data": 16}) + ["--workdir", str(tmp_path)],
                     env=EIGHT)
   assert proc.returncode == 2 and "uses 16 devices" in proc.stderr

@@ -7,6 +7,7 @@ import os
 import jax
 import numpy as np
 
+from lmtrain import provenance
 from lmtrain.data.pipeline import mqar_options
 from lmtrain.data.sources import load_documents
 from lmtrain.data.tokenizers import get_tokenizer
@@ -34,8 +35,12 @@ def eval_names(text: str) -> list[str]:
 class EvalSuite:
   """The evals of one config; the compiled scoring functions are kept across calls."""
 
-  def __init__(self, cfg, model_fns, *, num_params: int | None = None):
+  def __init__(self, cfg, model_fns, *, num_params: int | None = None,
+               checkpoint_config: dict | None = None):
+    """checkpoint_config: the config saved with the evaluated checkpoint when it differs from
+    cfg (an allowed mismatch); the eval JSONs then record both."""
     self.cfg = cfg
+    self.checkpoint_config = checkpoint_config
     self.e = cfg.eval
     self.t = cfg.data.seq_len
     self.scorer = model_scorer(model_fns)
@@ -105,7 +110,10 @@ class EvalSuite:
       result = getattr(self, name)(params)
       payload = {"eval": name, "step": int(step), "num_params": self.num_params,
                  "attention": _attention_summary(self.cfg), "train_seq_len": self.t,
-                 "result": result}
+                 "result": result, "config": self.cfg.to_dict(),
+                 "run": provenance.run_metadata()}
+      if self.checkpoint_config is not None:
+        payload["checkpoint_config"] = self.checkpoint_config
       if out_dir is not None and jax.process_index() == 0:  # one writer for the whole job
         report.write_json(os.path.join(out_dir, f"{name}.json"), payload)
         report.write_json(os.path.join(out_dir, f"{name}_step{int(step)}.json"), payload)
