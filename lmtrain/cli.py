@@ -55,8 +55,13 @@ def _one_line(error: Exception) -> str:
 def load_config(config_flag_holder, *, required: bool = True):
   """The parsed, resolved --config (ml_collections loads the file lazily), or exit 2 with one
   line; None when it was not given and is not required."""
-  filename = str(flags.FLAGS["config"].config_filename or "").split(":")[0]
-  if filename and not os.path.isfile(filename):
+  given = flags.FLAGS["config"].present
+  filename = str(flags.FLAGS["config"].config_filename or "").split(":")[0] if given else ""
+  if not filename:
+    if not required:
+      return None
+    fail("--config is required (e.g. --config configs/tiny.py)")
+  if not os.path.isfile(filename):
     fail(f"--config file {filename!r} does not exist")
   try:
     cfg = config_flag_holder.value
