@@ -119,9 +119,21 @@ def ring():
 
   (_, o1), g1 = jax.jit(jax.value_and_grad(ring_loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
   (_, o2), g2 = jax.value_and_grad(ref_loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
+
+  # the half-block pairs each device computes (its work counter)
+  from jax.sharding import PartitionSpec as P
+  from lmtrain.ring_attention import _ring_forward, local_rows
+
+  def count(q, k, v, seg):
+    rows = local_rows(t, 8, jax.lax.axis_index("sequence"))
+    return _ring_forward(q, k, v, seg, rows, "sequence", d ** -0.5)[2][None]
+
+  spec = P(("data", "fsdp"), "sequence")
+  work = jax.jit(jax.shard_map(count, mesh=mesh, in_specs=(spec,) * 4, out_specs=P("sequence"),
+                               check_vma=False))(q[:, perm], k[:, perm], v[:, perm], seg[:, perm])
   return {"out_err": float(jnp.max(jnp.abs(o1 - o2))),
           "grad_err": [float(jnp.max(jnp.abs(a - b))) for a, b in zip(g1, g2)],
-          "out_scale": float(jnp.max(jnp.abs(o2)))}
+          "out_scale": float(jnp.max(jnp.abs(o2))), "work": np.asarray(work).tolist()}
 
 
 if __name__ == "__main__":
