@@ -1,10 +1,9 @@
 #!/usr/bin/env bash
-# One device call: the GPU-marked tests, the three benchmark tables and the trainer's MFU on
-# configs/gpt125m.py; a summary (test result, every table, the MFU lines) is printed last.
-# On the lent GPU machine (no registry there) carry .whl/, made here by
-#   bash scripts/gpu_wheels.sh
-# (grain, ml_collections, tensorboardX, and fla-core for the linear peer), then:
-#   run(command="bash scripts/gpu_check.sh", carry=[".whl"], timeout_s=540)
+# Measures lmtrain on a Hopper GPU in one go: the GPU-marked tests, the three kernel benchmark
+# tables and the trainer's MFU on configs/gpt125m.py; a summary (test result, every table, the
+# MFU lines) is printed last, and docs/benchmarks.md says how to record it. On a machine without
+# a package index, first copy over the wheels made by `bash scripts/gpu_wheels.sh` (.whl/).
+#   bash scripts/gpu_check.sh
 # Parts can be named to run fewer (default: all, in this order; 500 s at most):
 #   bash scripts/gpu_check.sh tests blockwise linear sparse mfu
 # Full logs and the JSON rows land in $OUT (8 files at most come back: 5 logs + 3 JSON).
