@@ -97,3 +97,14 @@ def start(argv, config_holder, workdir_flag, *, config_required: bool = True):
   if not workdir_flag.value:
     fail("--workdir is required")
   return cfg, workdir_flag.value
+
+
+def run(main) -> None:
+  """app.run(main) with one-line flag errors, and Ctrl-C at any moment (the compile included)
+  ending quietly with exit code 130."""
+  from absl import app
+  try:
+    app.run(main, flags_parser=parse_flags_or_exit)
+  except KeyboardInterrupt:
+    print("lmtrain: interrupted", file=sys.stderr, flush=True)
+    sys.exit(130)
