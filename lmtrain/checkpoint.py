@@ -94,6 +94,7 @@ class Checkpointer:
     self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
     self.damaged_directory = self.directory + ".damaged"
     self.async_save = async_save
+    self._failed = False
     self._pending = collections.deque()  # steps being saved, checksummed once committed
     self.last_verified = None  # the newest step whose checksums are written
     options = ocp.CheckpointManagerOptions(
@@ -124,7 +125,15 @@ class Checkpointer:
       args["data"] = ocp.args.JsonSave({"process_count": jax.process_count(),
                                         "states": _gather_json(data_state)})
     self._pending.append(step)
-    self.manager.save(step, args=ocp.args.Composite(**args), force=True)
+    try:
+      self.manager.save(step, args=ocp.args.Composite(**args), force=True)
+    except Exception as e:  # the synchronous part of the save (directories, first writes)
+      self._pending.clear()
+      self._failed = True
+      self._remove_temporaries()
+      raise CheckpointWriteError(
+          f"saving checkpoint step {step} in {self.directory} failed ({_first_line(e) or e!r}); "
+          f"the last complete checkpoint is step {self.last_verified}") from e
     if not self.async_save and step in self._pending:
       self._committed()  # synchronous saves are committed on return
 
@@ -154,6 +163,7 @@ class Checkpointer:
       cause = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
       step = self._pending[0] if self._pending else None
       self._pending.clear()
+      self._failed = True
       self._remove_temporaries()
       raise CheckpointWriteError(
           f"saving checkpoint step {step} in {self.directory} failed ({cause}); the last "
@@ -279,5 +289,10 @@ class Checkpointer:
     self.manager.wait_until_finished()
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
+    try:
+      self.manager.wait_until_finished()
+    except Exception:  # a failed save was (or will be) reported by check_saved
+      self._failed = True
     self.manager.close()
+    if self._failed:  # what a failed save left behind takes no space
+      self._remove_temporaries()
