@@ -90,6 +90,7 @@ def segment_starts(segment_ids_BT):
   return jax.lax.cummax(jnp.where(segment_start_mask(segment_ids_BT), idx, 0), axis=1)
 
 
+@jax.jit  # one compiled scan, also when called eagerly (tests): not dozens of small ops
 def gate_cumsum(log_gates_BTH, segment_ids=None):
   """c [B, T, H]: the running sum of the log forget gates over time, restarting at each
   segment's first token, in fp32 (fp64 for fp64 gates). The FoX bias of query i and key j <= i

@@ -34,7 +34,7 @@ def moba_gpu(q, k, v, *, pattern, segment_ids=None, sm_scale=None, alibi_slopes=
              interpret=None, stage_in_smem=None):
   """MoBA(block_size, top_k) on the Mosaic GPU kernels; q [B, T, Hq, D], k/v [B, T, Hkv, D]."""
   if alibi_slopes is not None:
-    raise ValueError("the Mosaic GPU attention kernel does not take alibi_slopes yet "
+    raise ValueError("the Mosaic GPU MoBA kernels do not take alibi_slopes yet "
                      "(use impl='reference' or 'xla')")
   bm = pattern.block_size
   if bm % TILE:

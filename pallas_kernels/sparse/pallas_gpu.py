@@ -43,7 +43,7 @@ def tile_lists(pattern: BlockMask, t: int, s: int, causal: bool):
 
 def _block_mask(q, k, v, pattern, *, causal, segment_ids, sm_scale, alibi_slopes, interpret):
   if alibi_slopes is not None:
-    raise ValueError("the Mosaic GPU attention kernel does not take alibi_slopes yet "
+    raise ValueError("the Mosaic GPU block-mask kernels do not take alibi_slopes yet "
                      "(use impl='reference' or 'xla')")
   if pattern.block_size % TILE:
     raise ValueError(f"sparse_attention: the Mosaic GPU kernel needs BlockMask block_size a "
