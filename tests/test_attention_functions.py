@@ -238,14 +238,17 @@ def test_auto_routes_gated_calls_to_impls_that_take_them(monkeypatch):
 
 # Long sequences under strong decay: whole key blocks whose weights underflow in fp32 (once
 # slope * distance > ~88) must add exact zeros, not NaN (the reference's online softmax was NaN
-# from T=512 at slope 1/2 and T=2048 at slope 1/16). fp32 inputs, against the dense path.
-LONG = [(1024, (0.5, 1 / 256)), (4096, (1 / 16, 1 / 64)), (16384, (0.5, 1 / 256))]
+# from T=512 at slope 1/2 and T=2048 at slope 1/16). fp32 inputs, one head per slope (the dense
+# oracle at T=16384 holds 1 GiB of logits per head), against the dense path.
+LONG = [(1024, (0.5, 1 / 16, 1 / 256)), (4096, (0.5, 1 / 64, 1 / 256)), (16384, (0.5,)),
+        (16384, (1 / 256,))]
 
 
 def long_inputs(t, slopes, seed=0):
   r = np.random.default_rng(seed)
   mk = lambda *shape: jnp.asarray(r.normal(size=shape).astype(np.float32))
-  return mk(1, t, 2, 8), mk(1, t, 1, 8), mk(1, t, 1, 8), jnp.asarray(slopes, jnp.float32)
+  return (mk(1, t, len(slopes), 8), mk(1, t, 1, 8), mk(1, t, 1, 8),
+          jnp.asarray(slopes, jnp.float32))
 
 
 def assert_finite_and_close(fn, oracle, args, argnums, tol):
@@ -258,19 +261,22 @@ def assert_finite_and_close(fn, oracle, args, argnums, tol):
                                err_msg=name)
 
 
-@pytest.mark.parametrize("t,slopes", LONG, ids=[str(t) for t, _ in LONG])
+@pytest.mark.parametrize("t,slopes", LONG, ids=[f"T{t}-slopes" + ",".join(
+    f"1/{round(1 / x)}" for x in s) for t, s in LONG])
 def test_blockwise_stays_finite_under_strong_decay_at_long_lengths(t, slopes):
   q, k, v, s = long_inputs(t, slopes)
-  gates = jnp.broadcast_to(-s, (1, t, 2))
+  gates = jnp.broadcast_to(-s, (1, t, len(slopes)))
   ref = lambda q, k, v, g: blockwise_attention(q, k, v, log_gates=g, impl="reference")
   dense = lambda q, k, v, g: blockwise_attention(q, k, v, log_gates=g, impl="xla")
   assert_finite_and_close(ref, dense, (q, k, v, gates), (0, 1, 2, 3), 2e-4)
-  out = blockwise_attention(q, k, v, alibi_slopes=s, impl="reference")
-  assert np.all(np.isfinite(out))
+  alibi = jax.jit(lambda q, k, v, s: blockwise_attention(q, k, v, alibi_slopes=s,
+                                                         impl="reference"))
+  assert np.all(np.isfinite(alibi(q, k, v, s)))
 
 
-@pytest.mark.parametrize("t,slopes", LONG[:2], ids=[str(t) for t, _ in LONG[:2]])
-@pytest.mark.parametrize("impl", ["reference", "xla"])
+@pytest.mark.parametrize("t,slopes,impl", [
+    (1024, (0.5, 1 / 256), "reference"), (1024, (0.5, 1 / 256), "xla"),
+    (4096, (1 / 16, 1 / 256), "reference"), (4096, (1 / 16, 1 / 256), "xla")])
 def test_sparse_stays_finite_under_strong_alibi_at_long_lengths(t, slopes, impl):
   q, k, v, s = long_inputs(t, slopes, seed=2)
   window = SlidingWindow(t // 2 + 3)
@@ -278,6 +284,17 @@ def test_sparse_stays_finite_under_strong_alibi_at_long_lengths(t, slopes, impl)
   dense = lambda q, k, v, s: dense_attention(q, k, v, alibi_slopes=s, mask=jnp.asarray(
       sparse_pattern_token_mask(window, t))[None, None])
   assert_finite_and_close(fn, dense, (q, k, v, s), (0, 1, 2), 2e-4)
+
+
+def test_sparse_window_stays_finite_at_16k():
+  """T=16384 on the block-skipping path, whose window (256) at slope 1/2 only cuts weights
+  below e^-128, exactly 0 in fp32: so it equals full ALiBi on the blockwise reference (checked
+  against the dense path at this length above); the dense masked oracle would take minutes."""
+  q, k, v, s = long_inputs(16384, (0.5,), seed=3)
+  fn = lambda q, k, v: sparse_attention(q, k, v, pattern=SlidingWindow(256), alibi_slopes=s,
+                                        impl="xla")
+  full = lambda q, k, v: blockwise_attention(q, k, v, alibi_slopes=s, impl="reference")
+  assert_finite_and_close(fn, full, (q, k, v), (0, 1, 2), 2e-4)
 
 
 # ---- linear ------------------------------------------------------------------------------------

@@ -74,7 +74,8 @@ def test_through_the_api():
     np.testing.assert_allclose(got, sparse_reference(q, k, v, pattern=pattern), atol=1e-5)
 
 
-@pytest.mark.parametrize("pattern", [SlidingWindow(23), BlockMask(16, ~np.eye(3, k=-1, dtype=bool))],
+@pytest.mark.parametrize("pattern", [SlidingWindow(23),
+                                     BlockMask(16, ~np.eye(3, k=-1, dtype=bool))],
                          ids=["window", "blockmask"])
 def test_alibi_on_the_kernel(pattern):
   """ALiBi runs on the window and block-mask kernels as constant forget gates (slope 8: whole

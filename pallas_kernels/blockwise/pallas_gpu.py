@@ -29,6 +29,11 @@ masks they are per query head and summed after). backward="fused" (FlashAttentio
 dq kernel: the dk/dv kernel also adds each tile's dq share into fp32 memory by TMA reduce-add,
 5 matmuls per tile instead of 7 (the default stays "split" until a GPU has timed both).
 
+Forget gates (FoX's log_gates; ALiBi as constant gates), every schedule and backward: the
+running sums c [B, Hq, T] join the scores as c_q - c_k (the query tile's sums loaded once as
+rows, each key tile's as columns); the gates' gradient is dlse for the queries and minus the
+column sums of dS for the keys, summed per query head by the dk/dv kernel.
+
 Layout: [B, T, H, D] as the API takes it (TMA reads the strided head slices); T is padded to the
 tile.
 

@@ -14,6 +14,11 @@ included. Inside a tile,
 causality, the window, segment ids and the padded tail (any length works) are masked by
 position.
 
+The forget-gate bias (FoX's log_gates; ALiBi as constant gates) enters each tile as c_q - c_k,
+from per-block slices of the gates' running sums c [B, T, Hq] (a column per query block, a row
+per key block). Its gradient: the queries' share is dlse (softmax's rows sum to one), the keys'
+is minus the column sums of dS, which the dk/dv kernel adds up per query head.
+
 On the CPU the same kernels run in TPU interpret mode (impl="interpret"), which is how they are
 tested.
 """

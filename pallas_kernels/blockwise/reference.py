@@ -5,6 +5,10 @@
 the FlashAttention-2 backward (recomputing probabilities from the saved log-sum-exp), under a
 custom_vjp. It is the algorithm the Pallas kernels implement, written so it can be read.
 
+Both take the Forgetting Transformer's forget-gate bias (log_gates; ALiBi is its constant-gate
+case) as the running sums c of the gates per segment: logit (i, j) gets c_q[i] - c_k[j]
+(gate_terms). The reference's backward returns their gradients (dS's row and column sums).
+
 Shapes: q [B, T, Hq, D], k/v [B, S, Hkv, D]; inside, queries are grouped [B, T, Hkv, G, D] so a
 key/value head is never repeated in memory.
 """
