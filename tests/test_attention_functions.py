@@ -211,7 +211,8 @@ def test_fox_bad_arguments_fail_in_one_line():
       (dict(log_gates=g, causal=False), "log_gates need causal=True"),
       (dict(log_gates=g.astype(jnp.int32)), "log_gates must be floating point"),
       (dict(alibi_slopes=jnp.zeros((3,))), r"alibi_slopes\(3,\) must be \[Hq\]"),
-      (dict(log_gates=g, impl="cudnn"), "cudnn"),
+      (dict(log_gates=g, impl="cudnn"), "impl='cudnn' does not take log_gates"),
+      (dict(alibi_slopes=jnp.ones((4,)), impl="cudnn"), "impl='cudnn' does not take alibi_slopes"),
   ]
   for kwargs, match in cases:
     with pytest.raises(ValueError, match=match):

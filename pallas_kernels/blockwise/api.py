@@ -27,12 +27,9 @@ def kernel_for(impl: str, backend: str | None = None):
   return _common.kernel_for(KERNELS, impl, backend)
 
 
-def _cudnn(q, k, v, *, causal, segment_ids, sm_scale, alibi_slopes, log_gates):
+def _cudnn(q, k, v, *, causal, segment_ids, sm_scale):
   if _common.backend() != "gpu":
     raise ValueError(f"{_NAME}: impl='cudnn' needs a CUDA GPU; this backend is {_common.backend()}")
-  if log_gates is not None or alibi_slopes is not None:
-    what = "log_gates" if log_gates is not None else "alibi_slopes"
-    raise ValueError(f"{_NAME}: impl='cudnn' does not take {what} (use impl='xla')")
   mask = None
   if segment_ids is not None:
     mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
@@ -80,6 +77,9 @@ def blockwise_attention(q, k, v, *, causal=True, segment_ids=None, sm_scale=None
   _common.check_qkv(q, k, v, name=_NAME)
   _common.check_segment_ids(segment_ids, q, k, name=_NAME)
   _common.check_gates(log_gates, alibi_slopes, q, k, causal=causal, name=_NAME)
+  if impl == "cudnn" and (log_gates is not None or alibi_slopes is not None):
+    what = "log_gates" if log_gates is not None else "alibi_slopes"
+    raise ValueError(f"{_NAME}: impl='cudnn' does not take {what} (use impl='xla')")
   if alibi_slopes is not None and causal and q.shape[1] == k.shape[1]:
     alibi = _common.alibi_log_gates(alibi_slopes, q.shape[0], q.shape[1])
     log_gates = alibi if log_gates is None else log_gates + alibi
@@ -92,5 +92,5 @@ def blockwise_attention(q, k, v, *, causal=True, segment_ids=None, sm_scale=None
   if impl == "xla":
     return dense_attention(q, k, v, **kwargs)
   if impl == "cudnn":
-    return _cudnn(q, k, v, **kwargs)
+    return _cudnn(q, k, v, causal=causal, segment_ids=segment_ids, sm_scale=sm_scale)
   return _common.call_kernel(KERNELS, impl, _NAME, q, k, v, **kwargs)
