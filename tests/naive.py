@@ -377,3 +377,32 @@ def delta_layer(kind, p, x, seg, positions, options, layer=None):
 
 
 LAYERS.update({"deltanet": delta_layer, "gated_deltanet": delta_layer})
+
+
+def fox_attention(q, k, v, log_gates, *, segment_ids=None, scale=None):
+  """Causal softmax attention with the Forgetting Transformer's forget-gate bias (Lin et al.,
+  2025), by loops in float64. log_gates [B, T, Hq] (log f_t). Per segment, c is the running sum
+  of log_gates from the segment's first token; query t and key s <= t of the same segment get
+  logit q.k * scale + c[t] - c[s] (= sum of log f over s+1..t). q [B, T, Hq, D], k/v
+  [B, T, Hkv, D]; segment_ids [B, T] or None."""
+  q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+  g = np.asarray(log_gates, np.float64)
+  b_, t_, hq, d = q.shape
+  hkv = k.shape[2]
+  scale = d ** -0.5 if scale is None else scale
+  seg = np.zeros((b_, t_), np.int64) if segment_ids is None else np.asarray(segment_ids)
+  out = np.zeros((b_, t_, hq, v.shape[-1]))
+  for b in range(b_):
+    for h in range(hq):
+      c = np.zeros(t_)
+      for t in range(t_):
+        restart = t == 0 or seg[b, t] != seg[b, t - 1]
+        c[t] = g[b, t, h] + (0.0 if restart else c[t - 1])
+      kh = h // (hq // hkv)
+      for t in range(t_):
+        keys = [s for s in range(t + 1) if seg[b, s] == seg[b, t]]
+        logits = np.array([q[b, t, h] @ k[b, s, kh] * scale + c[t] - c[s] for s in keys])
+        p = np.exp(logits - logits.max())
+        p /= p.sum()
+        out[b, t, h] = sum(pi * v[b, s, kh] for pi, s in zip(p, keys))
+  return out

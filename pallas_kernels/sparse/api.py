@@ -24,15 +24,16 @@ def kernel_for(impl: str, backend: str | None = None):
   return _common.kernel_for(KERNELS, impl, backend)
 
 
-def resolve_impl(impl: str) -> str:
+def resolve_impl(impl: str, *, jnp_only: bool = False) -> str:
   """"auto": the kernel on a TPU, the block-skipping path on a GPU (until its kernels are
   measured there); on the CPU the dense masked reference, which at the lengths CPU runs use is
   the fastest (the gathers of the block-skipping path cost more there than the work they
-  skip)."""
+  skip). jnp_only: the call has ALiBi the kernels do not take (MoBA's, or not causal
+  self-attention), so not the kernel."""
   if impl != "auto":
     return impl
   backend = _common.backend()
-  if backend in AUTO_PALLAS and kernel_for("pallas", backend):
+  if backend in AUTO_PALLAS and kernel_for("pallas", backend) and not jnp_only:
     return "pallas"
   if backend in ("gpu", "tpu"):
     return "xla"
@@ -46,7 +47,9 @@ def sparse_attention(q, k, v, *, pattern, causal=True, segment_ids=None, sm_scal
   q [B, T, Hq, D], k/v [B, S, Hkv, D] -> [B, T, Hq, D] in q's dtype. segment_ids [B, T]
   (contiguous runs, as packing makes them) and alibi_slopes [Hq] are lmtrain extensions of the
   DESIGN.md signature. impl "reference": dense masked (the oracle); "xla": the block-skipping
-  jnp path, whose work is proportional to the kept blocks.
+  jnp path, whose work is proportional to the kept blocks. The kernels take ALiBi for a
+  SlidingWindow (TPU, GPU) and a BlockMask (TPU) in causal self-attention, as the constant
+  forget gates of blockwise_attention; MoBA's kernels do not.
   """
   _common.check_impl(impl, _IMPLS, name=_NAME)
   _common.check_qkv(q, k, v, name=_NAME)
@@ -59,7 +62,8 @@ def sparse_attention(q, k, v, *, pattern, causal=True, segment_ids=None, sm_scal
     raise ValueError(f"{_NAME}: MoBA needs T == S; got T={q.shape[1]} S={k.shape[1]}")
   if alibi_slopes is not None and alibi_slopes.shape != (q.shape[2],):
     raise ValueError(f"{_NAME}: alibi_slopes{alibi_slopes.shape} must be [Hq] = ({q.shape[2]},)")
-  impl = resolve_impl(impl)
+  kernel_alibi = causal and q.shape[1] == k.shape[1] and not isinstance(pattern, MoBA)
+  impl = resolve_impl(impl, jnp_only=alibi_slopes is not None and not kernel_alibi)
   kwargs = dict(pattern=pattern, causal=causal, segment_ids=segment_ids, sm_scale=sm_scale,
                 alibi_slopes=alibi_slopes)
   if impl == "reference":

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels._common import cdiv, group_queries, ungroup_queries
-from pallas_kernels.blockwise.reference import alibi_bias, compute_dtype, dense_attention
+from pallas_kernels.blockwise.reference import compute_dtype, dense_attention
 from pallas_kernels.sparse.patterns import BlockMask, MoBA, SlidingWindow
 from pallas_kernels.sparse.routing import moba_key_block_mask, moba_routing
 
