@@ -156,7 +156,8 @@ def validate_model(cfg) -> None:
   dims = ModelDims.from_config(m)
   for kind in dict.fromkeys(kinds):
     mixer = mixers.get(kind)
-    ctx = mixers.Context(kind=kind, dims=dims, seq_len=cfg.data.seq_len, impl=a.impl)
+    ctx = mixers.Context(kind=kind, dims=dims, seq_len=cfg.data.seq_len, impl=a.impl,
+                         dtype=m.dtype)
     mixer.check(mixer.Options.from_config(a.get(kind)), ctx)
 
 

@@ -406,3 +406,23 @@ def fox_attention(q, k, v, log_gates, *, segment_ids=None, scale=None):
         p /= p.sum()
         out[b, t, h] = sum(pi * v[b, s, kh] for pi, s in zip(p, keys))
   return out
+
+
+def fox_layer(kind, p, x, seg, positions, options, layer=None):
+  """FoX: projections (QK-norm, RoPE when on), forget gates log f = log sigmoid(x w + b) per
+  head, fox_attention, output gate, output projection."""
+  q, k, v = (project(x, p[n]["kernel"]) for n in ("q_proj", "k_proj", "v_proj"))
+  if options.qk_norm:
+    q = head_rms_norm(q, p["q_norm"]["scale"], eps=1e-6)
+    k = head_rms_norm(k, p["k_norm"]["scale"], eps=1e-6)
+  if options.position == "rope":
+    q = np.stack([rope(q[b], positions[b], options.rope_theta) for b in range(len(q))])
+    k = np.stack([rope(k[b], positions[b], options.rope_theta) for b in range(len(k))])
+  log_f = log_sigmoid(project(x, p["f_proj"]["kernel"]) + p["f_proj"]["bias"])
+  o = fox_attention(q, k, v, log_f, segment_ids=seg)
+  if options.output_gate:
+    o = o * sigmoid(project(x, p["g_proj"]["kernel"]))
+  return unproject(o, p["o_proj"]["kernel"])
+
+
+LAYERS["fox"] = fox_layer

@@ -222,19 +222,40 @@ def test_fox_bad_arguments_fail_in_one_line():
     blockwise_attention(q2, k2, v2, log_gates=g)
 
 
-def test_auto_routes_gated_calls_to_impls_that_take_them(monkeypatch):
+@pytest.mark.parametrize("backend", ["cpu", "gpu", "tpu"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+@pytest.mark.parametrize("gated,segments", [(False, False), (True, False), (False, True),
+                                            (True, True)])
+def test_auto_lands_on_an_impl_that_takes_the_call(monkeypatch, backend, dtype, head_dim,
+                                                   gated, segments):
+  """auto, per backend (faked), for fp32 and bf16, ALiBi / forget gates, head dims 64-256 and
+  packed segments: an implementation that takes the call, never cuDNN with a dense segment
+  mask, never the dense jnp path."""
+  from pallas_kernels import capabilities
+  from pallas_kernels.blockwise import api
+  monkeypatch.setattr(api._common, "backend", lambda: backend)
+  impl = api.resolve_impl("auto", log_gates=gated, dtype=dtype, head_dim=head_dim,
+                          segments=segments)
+  assert capabilities.blockwise(impl, backend=backend, dtype=dtype, head_dim=head_dim,
+                                gated=gated, segments=segments) is None, impl
+  assert impl != "xla"
+  if impl == "cudnn":
+    assert not segments and not gated and dtype == "bfloat16"
+  want = {"cpu": "reference", "tpu": "pallas",
+          "gpu": "cudnn" if dtype == "bfloat16" and not gated and not segments else "reference"}
+  assert impl == want[backend]
+
+
+def test_auto_avoids_kernels_that_refuse_alibi(monkeypatch):
   from pallas_kernels.blockwise import api
   from pallas_kernels.sparse import api as sparse_api
-  assert api.resolve_impl("auto", log_gates=True) == "reference"  # this CPU
-  monkeypatch.setattr(api._common, "backend", lambda: "gpu")
-  assert api.resolve_impl("auto") == "cudnn"
-  assert api.resolve_impl("auto", log_gates=True) == "xla"  # cuDNN takes no bias
-  assert api.resolve_impl("auto", alibi=True) == "xla"
   monkeypatch.setattr(api._common, "backend", lambda: "tpu")
-  assert api.resolve_impl("auto", log_gates=True) == "pallas"
-  assert api.resolve_impl("auto", alibi=True) == "xla"  # not causal self-attention
+  assert api.resolve_impl("auto", alibi=True) == "reference"  # not causal self-attention
   assert sparse_api.resolve_impl("auto") == "pallas"
   assert sparse_api.resolve_impl("auto", jnp_only=True) == "xla"
+  assert sparse_api.resolve_impl("auto", dtype="float32", head_dim=64, pattern="moba",
+                                 block_size=64, alibi=True) == "xla"
 
 
 # Long sequences under strong decay: whole key blocks whose weights underflow in fp32 (once

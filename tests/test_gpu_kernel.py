@@ -282,6 +282,7 @@ def test_api_interpret_gpu_and_auto_keeps_cudnn_on_gpu(monkeypatch):
   assert blockwise_api.kernel_for("pallas", "gpu") is flash_attention_gpu
   monkeypatch.setattr(blockwise_api._common, "backend", lambda: "gpu")
   assert blockwise_api.resolve_impl("auto") == "cudnn"  # until the GPU kernel is measured
+  assert blockwise_api.resolve_impl("auto", segments=True) == "reference"  # no dense mask
   assert sparse_api.resolve_impl("auto") == "xla"
   with pytest.raises(ValueError, match="block_size a multiple of 64; got 32"):
     sparse_flash_gpu(q, k, v, pattern=sparse_api.BlockMask(32, np.ones((3, 3), bool)))

@@ -45,7 +45,7 @@ def tokens(b, t, seed):
 
 def test_the_registry_has_the_shipped_kinds_each_with_a_paper_and_a_variant():
   assert {"softmax", "sliding_window", "block_sparse", "moba", "linear", "simple_gla",
-          "gla", "diff", "selective", "deltanet", "gated_deltanet"} <= set(KINDS)
+          "gla", "diff", "selective", "deltanet", "gated_deltanet", "fox"} <= set(KINDS)
   assert KINDS[0] == "softmax"
   for kind in KINDS:
     cls = mixers.get(kind)
@@ -75,6 +75,7 @@ EXTRA_CASES = [  # options off by default, tested on
     ("selective", {"position": "alibi", "qk_norm": True, "output_gate": True}),
     ("deltanet", {"short_conv": False, "output_gate": True}),
     ("gated_deltanet", {"expand_v": 1.0, "output_norm": False}),
+    ("fox", {"position": "rope", "qk_norm": True, "output_gate": True}),
     ("simple_gla", {"short_conv": False, "output_gate": False}),
 ]
 
@@ -233,12 +234,17 @@ def test_gla_gates_are_per_key_dimension_from_a_low_rank_projection():
     ({"model.attention.moba.top_k": 2}, "no layer uses attention kind 'moba'"),
     ({"model.attention.layer_pattern": "linear,telepathy"}, "'telepathy'"),
     ({"model.attention.layer_pattern": "linear,linear"}, "not in layer_pattern"),
-    ({"model.attention.impl": "cudnn", "model.attention.kind": "linear"}, "cudnn"),
-    ({"model.attention.impl": "pallas", "model.attention.kind": "linear"}, "no such kernel"),
-    ({"model.attention.impl": "interpret", "model.attention.kind": "gla"},
-     "per-key-dimension gates"),
-    ({"model.attention.impl": "interpret", "model.attention.softmax.position": "alibi"},
-     "alibi"),
+    ({"model.attention.impl": "cudnn", "model.attention.kind": "linear"},
+     "linear_attention has no cuDNN path"),
+    ({"model.attention.impl": "cudnn"}, "cuDNN needs a CUDA GPU (this backend is cpu)"),
+    ({"model.attention.impl": "pallas", "model.attention.kind": "linear"},
+     "no Pallas linear-attention kernel for backend cpu"),
+    ({"model.attention.impl": "interpret", "model.attention.kind": "gla"}, "per-key gates"),
+    ({"model.attention.impl": "interpret", "model.attention.kind": "moba",
+      "model.attention.moba.position": "alibi"}, "MoBA kernels take no ALiBi"),
+    ({"model.attention.impl": "interpret_gpu"}, "takes bfloat16/float16, not float32"),
+    ({"model.attention.impl": "interpret", "model.attention.kind": "deltanet"},
+     "the delta rule has no Pallas kernel yet"),
 ])
 def test_kind_options_are_checked(overrides, needle):
   with pytest.raises(config_lib.ConfigError) as e:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import _common
+from pallas_kernels import _common, capabilities
 from pallas_kernels.blockwise.pallas_gpu import flash_attention_gpu
 from pallas_kernels.blockwise.pallas_tpu import flash_attention_tpu
 from pallas_kernels.blockwise.reference import blockwise_reference, dense_attention
@@ -37,19 +37,23 @@ def _cudnn(q, k, v, *, causal, segment_ids, sm_scale):
                                       implementation="cudnn")
 
 
-def resolve_impl(impl: str, *, log_gates: bool = False, alibi: bool = False) -> str:
-  """"auto" -> the best implementation this backend has that takes the call. log_gates: the
-  call has a gate bias (FoX, or ALiBi of causal self-attention), which cuDNN does not take;
-  alibi: ALiBi that is not causal self-attention, which only the jnp paths take."""
+def resolve_impl(impl: str, *, log_gates: bool = False, alibi: bool = False,
+                 dtype: str = "bfloat16", head_dim: int = 128, segments: bool = False) -> str:
+  """"auto" -> the best implementation this backend has that takes the call (the predicates of
+  pallas_kernels.capabilities). log_gates: a gate bias (FoX, or ALiBi of causal
+  self-attention); alibi: ALiBi that is not causal self-attention (jnp paths only); segments:
+  packed segment ids, which cuDNN would take only as a dense [B, 1, T, T] mask (2 GiB per
+  sequence at 32k tokens), so auto does not give them to it. Where no kernel takes the call,
+  the blockwise jnp path (memory linear in T), never the dense one."""
   if impl != "auto":
     return impl
   backend = _common.backend()
-  if backend in AUTO_PALLAS and kernel_for("pallas", backend) is not None and not alibi:
+  call = dict(backend=backend, dtype=dtype, head_dim=head_dim, gated=log_gates or alibi)
+  if (backend in AUTO_PALLAS and kernel_for("pallas", backend) is not None and not alibi
+      and capabilities.blockwise("pallas", **call) is None):
     return "pallas"
-  if backend == "gpu" and not (log_gates or alibi):
+  if backend == "gpu" and not segments and capabilities.blockwise("cudnn", **call) is None:
     return "cudnn"
-  if backend in ("gpu", "tpu"):
-    return "xla"
   return "reference"
 
 
@@ -84,7 +88,9 @@ def blockwise_attention(q, k, v, *, causal=True, segment_ids=None, sm_scale=None
     alibi = _common.alibi_log_gates(alibi_slopes, q.shape[0], q.shape[1])
     log_gates = alibi if log_gates is None else log_gates + alibi
     alibi_slopes = None
-  impl = resolve_impl(impl, log_gates=log_gates is not None, alibi=alibi_slopes is not None)
+  impl = resolve_impl(impl, log_gates=log_gates is not None, alibi=alibi_slopes is not None,
+                      dtype=jnp.dtype(q.dtype).name, head_dim=q.shape[-1],
+                      segments=segment_ids is not None)
   kwargs = dict(causal=causal, segment_ids=segment_ids, sm_scale=sm_scale,
                 alibi_slopes=alibi_slopes, log_gates=log_gates)
   if impl == "reference":

@@ -56,6 +56,10 @@ class BlockSparse(SoftmaxFamily):
     return super().decode_mask(q_BHD, k_BSKD, key_pos_BS, position_B) & blocks[:, None]
 
   @classmethod
+  def sparse_pattern(cls, options):
+    return "blocks", options.block_size
+
+  @classmethod
   def pairs(cls, options, t):
     bs = options.block_size
     mask = options.mask(t)

@@ -69,6 +69,10 @@ class MoBA(SoftmaxFamily):
     return super().decode_mask(q_BHD, k_BSKD, key_pos_BS, position_B) & in_chosen
 
   @classmethod
+  def sparse_pattern(cls, options):
+    return "moba", options.block_size
+
+  @classmethod
   def pairs(cls, options, t):
     bs, k = options.block_size, options.top_k
     pairs = 0.0

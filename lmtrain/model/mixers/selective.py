@@ -16,10 +16,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from lmtrain.config_error import ConfigError
 from lmtrain.model.mixers import register
-from lmtrain.model.mixers.softmax import (PALLAS_IMPLS, SoftmaxFamily, SoftmaxOptions,
-                                          cached_attention)
+from lmtrain.model.mixers.softmax import SoftmaxFamily, SoftmaxOptions, cached_attention
 from pallas_kernels._common import group_queries, segment_starts
 
 
@@ -70,13 +68,8 @@ class Selective(SoftmaxFamily):
     return (4.0 * dims.num_heads * dims.head_dim + 3.0) * cls.pairs(options, seq_len)
 
   @classmethod
-  def check(cls, options, ctx):
-    if ctx.impl in PALLAS_IMPLS:
-      raise ConfigError(f"model.attention.impl={ctx.impl!r}: attention kind 'selective' has no "
-                        "Pallas kernel (it runs an O(T^2) jnp path; use auto, xla or reference)")
-    if ctx.impl == "cudnn":
-      raise ConfigError("model.attention.impl='cudnn' does not run attention kind 'selective'")
-    options.validate(ctx)
+  def capability(cls, options, ctx):
+    return "it runs an O(T^2) jnp path, no kernel (impl auto, xla or reference run it)"
 
   # -- decoding: the KV cache plus F's running sum per cached key ----------------------------
 

@@ -74,6 +74,10 @@ class SlidingWindow(SoftmaxFamily):
     return (super().decode_mask(q_BHD, k_BSKD, key_pos_BS, position_B) & near[:, None])
 
   @classmethod
+  def sparse_pattern(cls, options):
+    return "window", None
+
+  @classmethod
   def pairs(cls, options, t):
     w = min(options.window, t)
     return w * (w + 1) / 2 + (t - w) * w

@@ -19,14 +19,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 import pallas_kernels
-from lmtrain.config_error import ConfigError
+from pallas_kernels import capabilities
 from lmtrain.model import positions as pos
 from lmtrain.model.layers import HeadRMSNorm, normal_init
 from lmtrain.model.mixers import register
 from lmtrain.model.mixers.base import Context, Mixer, MixerOptions
 
 POSITIONS = ("rope", "alibi", "none")
-PALLAS_IMPLS = ("pallas", "interpret", "interpret_gpu")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,11 +161,16 @@ class SoftmaxFamily(Mixer):
     return 4.0 * dims.num_heads * dims.head_dim * cls.pairs(options, seq_len)
 
   @classmethod
-  def check(cls, options, ctx: Context) -> None:
-    super().check(options, ctx)
-    if ctx.impl in PALLAS_IMPLS and options.position == "alibi":
-      raise ConfigError(f"model.attention.impl={ctx.impl!r}: the Pallas attention kernels do not "
-                        f"take model.attention.{cls.kind}.position='alibi' yet")
+  def sparse_pattern(cls, options) -> tuple[str, int | None]:
+    """(pattern name, block size) for pallas_kernels.capabilities.sparse."""
+    raise NotImplementedError
+
+  @classmethod
+  def capability(cls, options, ctx: Context) -> str | None:
+    pattern, block_size = cls.sparse_pattern(options)
+    return capabilities.sparse(ctx.impl, backend=ctx.backend, dtype=ctx.dtype,
+                               head_dim=ctx.dims.head_dim, pattern=pattern,
+                               block_size=block_size, alibi=options.position == "alibi")
 
 
 @register
@@ -197,11 +201,9 @@ class Softmax(SoftmaxFamily):
     return ("cudnn",)
 
   @classmethod
-  def check(cls, options, ctx: Context) -> None:
-    super().check(options, ctx)
-    if ctx.impl == "cudnn" and options.position == "alibi":
-      raise ConfigError("model.attention.impl='cudnn' does not take "
-                        "model.attention.softmax.position='alibi'")
+  def capability(cls, options, ctx: Context) -> str | None:
+    return capabilities.blockwise(ctx.impl, backend=ctx.backend, dtype=ctx.dtype,
+                                  head_dim=ctx.dims.head_dim, gated=options.position == "alibi")
 
   @classmethod
   def sequence_parallel_error(cls, options):
