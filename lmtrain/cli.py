@@ -6,10 +6,17 @@ import os
 import sys
 
 from absl import flags
+from ml_collections import config_flags
 
 from lmtrain import config as config_lib
 
-
+# The flags every entry point shares, defined once so that train, evaluate and generate can be
+# imported into one process (absl refuses a flag defined twice).
+CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/tiny.py",
+                                         lock_config=True)
+WORKDIR = flags.DEFINE_string("workdir", None, "The run's directory (checkpoints, logs).")
+STEP = flags.DEFINE_integer("step", None, "evaluate/generate: the checkpoint step (default: the "
+                            "latest).")
 _ALLOW_MISMATCH = flags.DEFINE_bool(
     "allow_config_mismatch", False,
     "Use a checkpoint whose saved model config differs from --config (results record both).")

@@ -14,7 +14,6 @@ import os
 
 import jax
 from absl import flags
-from ml_collections import config_flags
 
 import ml_collections
 
@@ -26,11 +25,8 @@ from lmtrain.metrics import MetricWriter
 from lmtrain.workdir import WorkdirError, check_writable
 from lmtrain.trainer import Trainer
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "The run's config file.",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "The run's directory (checkpoints, logs).")
+_CONFIG, _WORKDIR, _STEP = cli.CONFIG, cli.WORKDIR, cli.STEP
 _EVALS = flags.DEFINE_string("evals", "all", "Comma list of ppl, niah, extrapolation, mqar.")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
 
 
 class ConfigMismatch(ValueError):

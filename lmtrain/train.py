@@ -16,7 +16,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import flags
-from ml_collections import config_flags
 
 from lmtrain import cli, distributed, parallel, provenance
 from lmtrain.checkpoint import (Checkpointer, CheckpointShapeError, CheckpointWriteError,
@@ -29,9 +28,7 @@ from lmtrain.metrics import MetricWriter, Progress, Stopwatch
 from lmtrain.trainer import Trainer
 from lmtrain.workdir import WorkdirError, WorkdirLock, check_writable
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/tiny.py",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and TensorBoard logs.")
+_CONFIG, _WORKDIR, _STEP = cli.CONFIG, cli.WORKDIR, cli.STEP
 
 
 class NonFiniteLoss(RuntimeError):
@@ -308,6 +305,8 @@ def main(argv):
   except ValueError as e:
     cli.fail(str(e))
   cfg, workdir = cli.start(argv, _CONFIG, _WORKDIR)
+  if _STEP.value is not None:
+    cli.fail("--step is for evaluate and generate; training resumes from the latest checkpoint")
   try:
     parallel.check_config_fits_mesh(cfg, parallel.mesh_shape(cfg.mesh, jax.device_count()))
   except parallel.MeshError as e:

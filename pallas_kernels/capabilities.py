@@ -26,11 +26,14 @@ def _kernel_backend(impl: str, backend: str) -> str:
 
 
 def blockwise(impl: str, *, backend: str, dtype: str, head_dim: int, gated: bool = False,
-              segments: bool = False) -> str | None:
+              segments: bool = False, extras: bool = False) -> str | None:
   """blockwise_attention. gated: a forget-gate bias (FoX) or ALiBi; segments: packed segment
-  ids (cuDNN would need a dense [B, 1, T, T] mask for them)."""
+  ids (cuDNN would need a dense [B, 1, T, T] mask for them); extras: logit soft-capping or
+  attention sinks (the jnp paths only, so far)."""
   if impl in JNP:
     return None
+  if extras:
+    return "logit soft-capping and attention sinks run on the jnp paths only (impl xla/reference)"
   if impl == "cudnn":
     if backend != "gpu":
       return f"cuDNN needs a CUDA GPU (this backend is {backend})"
@@ -54,13 +57,13 @@ def blockwise(impl: str, *, backend: str, dtype: str, head_dim: int, gated: bool
 
 
 def sparse(impl: str, *, backend: str, dtype: str, head_dim: int, pattern: str,
-           block_size: int | None = None, alibi: bool = False) -> str | None:
+           block_size: int | None = None, alibi: bool = False, extras: bool = False) -> str | None:
   """sparse_attention; pattern is "window", "blocks" or "moba"."""
   if impl in JNP:
     return None
   if impl == "cudnn":
     return "sparse_attention has no cuDNN path"
-  why = blockwise(impl, backend=backend, dtype=dtype, head_dim=head_dim)
+  why = blockwise(impl, backend=backend, dtype=dtype, head_dim=head_dim, extras=extras)
   if why:
     return why
   kernel = _kernel_backend(impl, backend)

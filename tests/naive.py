@@ -8,8 +8,11 @@ import math
 import numpy as np
 
 
-def softmax_attention(q, k, v, allowed, *, scale=None, alibi=None, causal=True):
-  """allowed(b, h, t, s) -> bool. q [B, T, Hq, D], k/v [B, S, Hkv, D]."""
+def softmax_attention(q, k, v, allowed, *, scale=None, alibi=None, causal=True, softcap=None,
+                      sinks=None):
+  """allowed(b, h, t, s) -> bool. q [B, T, Hq, D], k/v [B, S, Hkv, D]. softcap: logits become
+  softcap * tanh(logit / softcap) before the ALiBi bias; sinks [Hq]: exp(sink) joins every
+  row's denominator."""
   q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
   b_, t_, hq, d = q.shape
   s_, hkv = k.shape[1], k.shape[2]
@@ -23,10 +26,13 @@ def softmax_attention(q, k, v, allowed, *, scale=None, alibi=None, causal=True):
         if not keys:
           continue
         logits = np.array([q[b, t, h] @ k[b, s, kh] * scale for s in keys])
+        if softcap:
+          logits = softcap * np.tanh(logits / softcap)
         if alibi is not None:
           logits -= np.array([alibi[h] * (abs(t - s)) for s in keys])
-        p = np.exp(logits - logits.max())
-        p /= p.sum()
+        top = logits.max() if sinks is None else max(logits.max(), sinks[h])
+        p = np.exp(logits - top)
+        p /= p.sum() + (0.0 if sinks is None else math.exp(sinks[h] - top))
         out[b, t, h] = sum(pi * v[b, s, kh] for pi, s in zip(p, keys))
   return out
 
@@ -166,7 +172,8 @@ def softmax_family_layer(kind, p, x, seg, positions, options, layer=None):
     return True
 
   alibi = alibi_slopes(q.shape[2]) if options.position == "alibi" else None
-  o = softmax_attention(q, k, v, allowed, alibi=alibi)
+  o = softmax_attention(q, k, v, allowed, alibi=alibi, softcap=options.softcap,
+                        sinks=p["sink_logits"] if options.sinks else None)
   if options.output_gate:
     o = o * sigmoid(project(x, p["g_proj"]["kernel"]))
   return unproject(o, p["o_proj"]["kernel"])
@@ -284,7 +291,8 @@ def selective_layer(kind, p, x, seg, positions, options, layer=None):
   for b in range(b_):
     start = [min(s for s in range(t_) if seg[b, s] == seg[b, t]) for t in range(t_)]
     seen = lambda i, j: j <= i and seg[b, i] == seg[b, j]
-    logit = lambda h, i, j: (q[b, i, h] @ k[b, j, h // (hq // hkv)] / math.sqrt(d)
+    capped = lambda x: options.softcap * math.tanh(x / options.softcap) if options.softcap else x
+    logit = lambda h, i, j: (capped(q[b, i, h] @ k[b, j, h // (hq // hkv)] / math.sqrt(d))
                              - slopes[h] * (i - j))
     sel = np.zeros((t_, t_))
     for i in range(t_):
@@ -295,8 +303,10 @@ def selective_layer(kind, p, x, seg, positions, options, layer=None):
       for i in range(t_):
         keys = [j for j in range(t_) if seen(i, j)]
         z = np.array([logit(h, i, j) - sum(sel[kk, j] for kk in range(i)) for j in keys])
-        w = np.exp(z - z.max())
-        w /= w.sum()
+        sink = p["sink_logits"][h] if options.sinks else -np.inf
+        top = max(z.max(), sink)
+        w = np.exp(z - top)
+        w /= w.sum() + math.exp(sink - top)
         out[b, i, h] = sum(wi * v[b, j, h // (hq // hkv)] for wi, j in zip(w, keys))
   if options.output_gate:
     out = out * sigmoid(project(x, p["g_proj"]["kernel"]))
@@ -379,7 +389,7 @@ def delta_layer(kind, p, x, seg, positions, options, layer=None):
 LAYERS.update({"deltanet": delta_layer, "gated_deltanet": delta_layer})
 
 
-def fox_attention(q, k, v, log_gates, *, segment_ids=None, scale=None):
+def fox_attention(q, k, v, log_gates, *, segment_ids=None, scale=None, softcap=None, sinks=None):
   """Causal softmax attention with the Forgetting Transformer's forget-gate bias (Lin et al.,
   2025), by loops in float64. log_gates [B, T, Hq] (log f_t). Per segment, c is the running sum
   of log_gates from the segment's first token; query t and key s <= t of the same segment get
@@ -401,9 +411,13 @@ def fox_attention(q, k, v, log_gates, *, segment_ids=None, scale=None):
       kh = h // (hq // hkv)
       for t in range(t_):
         keys = [s for s in range(t + 1) if seg[b, s] == seg[b, t]]
-        logits = np.array([q[b, t, h] @ k[b, s, kh] * scale + c[t] - c[s] for s in keys])
-        p = np.exp(logits - logits.max())
-        p /= p.sum()
+        raw = np.array([q[b, t, h] @ k[b, s, kh] * scale for s in keys])
+        if softcap:
+          raw = softcap * np.tanh(raw / softcap)
+        logits = raw + np.array([c[t] - c[s] for s in keys])
+        top = logits.max() if sinks is None else max(logits.max(), sinks[h])
+        p = np.exp(logits - top)
+        p /= p.sum() + (0.0 if sinks is None else math.exp(sinks[h] - top))
         out[b, t, h] = sum(pi * v[b, s, kh] for pi, s in zip(p, keys))
   return out
 
@@ -419,7 +433,8 @@ def fox_layer(kind, p, x, seg, positions, options, layer=None):
     q = np.stack([rope(q[b], positions[b], options.rope_theta) for b in range(len(q))])
     k = np.stack([rope(k[b], positions[b], options.rope_theta) for b in range(len(k))])
   log_f = log_sigmoid(project(x, p["f_proj"]["kernel"]) + p["f_proj"]["bias"])
-  o = fox_attention(q, k, v, log_f, segment_ids=seg)
+  o = fox_attention(q, k, v, log_f, segment_ids=seg, softcap=options.softcap,
+                    sinks=p["sink_logits"] if options.sinks else None)
   if options.output_gate:
     o = o * sigmoid(project(x, p["g_proj"]["kernel"]))
   return unproject(o, p["o_proj"]["kernel"])

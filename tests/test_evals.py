@@ -275,4 +275,5 @@ def test_evaluate_without_checkpoint_fails_in_one_line(tmp_path):
   proc = run_module("lmtrain.evaluate", cli_args() + ["--workdir", str(tmp_path)])
   assert proc.returncode == 2
   assert proc.stderr.strip().splitlines() == [
-      f"lmtrain: error: no checkpoint in {tmp_path}/checkpoints"]
+      f"lmtrain: error: no checkpoints in {tmp_path} (train first: python -m lmtrain.train "
+      f"--config ... --workdir {tmp_path})"]

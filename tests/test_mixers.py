@@ -76,6 +76,11 @@ EXTRA_CASES = [  # options off by default, tested on
     ("deltanet", {"short_conv": False, "output_gate": True}),
     ("gated_deltanet", {"expand_v": 1.0, "output_norm": False}),
     ("fox", {"position": "rope", "qk_norm": True, "output_gate": True}),
+    ("softmax", {"softcap": 3.0, "sinks": True}),
+    ("sliding_window", {"sinks": True, "softcap": 2.0}),
+    ("moba", {"softcap": 3.0, "sinks": True}),
+    ("fox", {"sinks": True, "softcap": 4.0}),
+    ("selective", {"sinks": True, "softcap": 5.0}),
     ("simple_gla", {"short_conv": False, "output_gate": False}),
 ]
 
@@ -93,6 +98,8 @@ def random_like(tree, rng, scale):
     name = jax.tree_util.keystr(path)
     if "scale" in name:  # norm scales around one
       return jnp.asarray(1.0 + scale * rng.normal(size=a.shape))
+    if "sink" in name:  # sink logits comparable to the others
+      return jnp.asarray(4 * scale * rng.normal(size=a.shape))
     return jnp.asarray(scale * rng.normal(size=a.shape))
   return jax.tree_util.tree_map_with_path(draw, tree)
 
@@ -270,3 +277,21 @@ def test_flops_count_every_kind(variant):
       full = mixers.get("softmax").forward_flops(
           mixers.get("softmax").Options(), dims, 4096)
       assert mixing < full
+
+
+def test_sinks_at_minus_infinity_and_a_large_softcap_change_nothing():
+  """A sink whose logit is -inf adds nothing to the denominator; soft-capping tends to plain
+  softmax as the cap grows (tanh(x / c) * c -> x)."""
+  from pallas_kernels import blockwise_attention, sparse_attention, SlidingWindow
+  r = np.random.default_rng(0)
+  q, k, v = (jnp.asarray(r.normal(size=(2, 19, 4, 8)), jnp.float32) for _ in range(3))
+  plain = blockwise_attention(q, k, v, impl="reference")
+  off = blockwise_attention(q, k, v, sinks=jnp.full((4,), -jnp.inf), impl="reference")
+  np.testing.assert_allclose(off, plain, atol=1e-6)
+  on = blockwise_attention(q, k, v, sinks=jnp.zeros((4,)), impl="reference")
+  assert float(jnp.max(jnp.abs(on - plain))) > 1e-3
+  errors = [float(jnp.max(jnp.abs(blockwise_attention(q, k, v, softcap=c, impl="reference")
+                                  - plain))) for c in (1.0, 10.0, 100.0, 1000.0)]
+  assert errors == sorted(errors, reverse=True) and errors[-1] < 1e-4 and errors[0] > 1e-2
+  window = lambda **kw: sparse_attention(q, k, v, pattern=SlidingWindow(5), impl="xla", **kw)
+  np.testing.assert_allclose(window(softcap=1e5), window(), atol=1e-5)

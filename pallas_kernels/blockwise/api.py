@@ -38,7 +38,8 @@ def _cudnn(q, k, v, *, causal, segment_ids, sm_scale):
 
 
 def resolve_impl(impl: str, *, log_gates: bool = False, alibi: bool = False,
-                 dtype: str = "bfloat16", head_dim: int = 128, segments: bool = False) -> str:
+                 dtype: str = "bfloat16", head_dim: int = 128, segments: bool = False,
+                 extras: bool = False) -> str:
   """"auto" -> the best implementation this backend has that takes the call (the predicates of
   pallas_kernels.capabilities). log_gates: a gate bias (FoX, or ALiBi of causal
   self-attention); alibi: ALiBi that is not causal self-attention (jnp paths only); segments:
@@ -48,7 +49,8 @@ def resolve_impl(impl: str, *, log_gates: bool = False, alibi: bool = False,
   if impl != "auto":
     return impl
   backend = _common.backend()
-  call = dict(backend=backend, dtype=dtype, head_dim=head_dim, gated=log_gates or alibi)
+  call = dict(backend=backend, dtype=dtype, head_dim=head_dim, gated=log_gates or alibi,
+              extras=extras)
   if (backend in AUTO_PALLAS and kernel_for("pallas", backend) is not None and not alibi
       and capabilities.blockwise("pallas", **call) is None):
     return "pallas"
@@ -58,7 +60,8 @@ def resolve_impl(impl: str, *, log_gates: bool = False, alibi: bool = False,
 
 
 def blockwise_attention(q, k, v, *, causal=True, segment_ids=None, sm_scale=None,
-                        alibi_slopes=None, log_gates=None, impl="auto"):
+                        alibi_slopes=None, log_gates=None, softcap=None, sinks=None,
+                        impl="auto"):
   """Softmax attention, q [B, T, Hq, D], k/v [B, S, Hkv, D] -> [B, T, Hq, D] in q's dtype.
 
   impl: "reference" (jnp online softmax), "xla" (dense), "cudnn" (GPU), "pallas" (the Pallas
@@ -76,6 +79,11 @@ def blockwise_attention(q, k, v, *, causal=True, segment_ids=None, sm_scale=None
   log_gates = -slope at every token, and runs as such (one mechanism; both may be given and
   add). Without causality, or with T != S, ALiBi is -slope * |t - s| on the jnp paths only.
   (Both are lmtrain extensions of the DESIGN.md signature.) cudnn takes neither.
+
+  softcap (> 0): Gemma 2's logit soft-capping, softcap * tanh(q.k * scale / softcap), before any
+  bias. sinks [Hq]: a learned logit per head added to every row's softmax denominator, a key
+  without a value (gpt-oss's attention sinks); differentiable. Both run on the jnp paths
+  (reference, xla; auto goes there); the kernels and cuDNN refuse them in one line.
   """
   _common.check_impl(impl, _common.IMPLS, name=_NAME)
   _common.check_qkv(q, k, v, name=_NAME)
@@ -88,15 +96,23 @@ def blockwise_attention(q, k, v, *, causal=True, segment_ids=None, sm_scale=None
     alibi = _common.alibi_log_gates(alibi_slopes, q.shape[0], q.shape[1])
     log_gates = alibi if log_gates is None else log_gates + alibi
     alibi_slopes = None
+  extras = bool(softcap) or sinks is not None
+  if sinks is not None and sinks.shape != (q.shape[2],):
+    raise ValueError(f"{_NAME}: sinks{sinks.shape} must be [Hq] = ({q.shape[2]},)")
+  if softcap is not None and not softcap >= 0:
+    raise ValueError(f"{_NAME}: softcap={softcap!r} must be > 0 (or 0/None: off)")
   impl = resolve_impl(impl, log_gates=log_gates is not None, alibi=alibi_slopes is not None,
                       dtype=jnp.dtype(q.dtype).name, head_dim=q.shape[-1],
-                      segments=segment_ids is not None)
+                      segments=segment_ids is not None, extras=extras)
   kwargs = dict(causal=causal, segment_ids=segment_ids, sm_scale=sm_scale,
                 alibi_slopes=alibi_slopes, log_gates=log_gates)
   if impl == "reference":
-    return blockwise_reference(q, k, v, **kwargs)
+    return blockwise_reference(q, k, v, softcap=softcap, sinks=sinks, **kwargs)
   if impl == "xla":
-    return dense_attention(q, k, v, **kwargs)
+    return dense_attention(q, k, v, softcap=softcap, sinks=sinks, **kwargs)
+  if extras:
+    raise ValueError(f"{_NAME}: impl={impl!r} takes no softcap or sinks (impl='xla' or "
+                     "'reference' do)")
   if impl == "cudnn":
     return _cudnn(q, k, v, causal=causal, segment_ids=segment_ids, sm_scale=sm_scale)
   return _common.call_kernel(KERNELS, impl, _NAME, q, k, v, **kwargs)

@@ -72,20 +72,42 @@ def gate_bias(c_q, c_k, above):
   return d if above is None else jnp.where(above, -d, d)
 
 
+def cap(logits, softcap):
+  """Gemma 2's logit soft-capping, softcap * tanh(logits / softcap); identity when off (None/0)."""
+  return logits if not softcap else softcap * jnp.tanh(logits / softcap)
+
+
+def softmax_with_sinks(logits, keep, sinks=None):
+  """Softmax over the last axis of the kept entries, with an optional sink logit per row (a key
+  with no value: gpt-oss's learned attention sinks) in the denominator; rows with nothing kept
+  (and no sink) give zeros. `sinks` broadcasts to logits.shape[:-1]."""
+  logits = jnp.where(keep, logits, -jnp.inf)
+  m = jnp.max(logits, axis=-1)
+  if sinks is not None:
+    m = jnp.maximum(m, sinks)
+  m = jnp.where(jnp.isfinite(m), m, 0.0)
+  p = jnp.exp(logits - m[..., None])  # masked: exp(-inf) = 0
+  l = jnp.sum(p, axis=-1)
+  if sinks is not None:
+    l = l + jnp.exp(sinks - m)
+  return p / jnp.where(l == 0, 1.0, l)[..., None]
+
+
 def dense_attention(q, k, v, *, causal=True, segment_ids=None, sm_scale=None,
-                    alibi_slopes=None, log_gates=None, mask=None):
+                    alibi_slopes=None, log_gates=None, mask=None, softcap=None, sinks=None):
   """Materialised softmax attention, logits and softmax in fp32 (fp64 for fp64 inputs).
 
   log_gates / alibi_slopes: the gate bias of gate_terms (differentiable, by autodiff here).
   mask: optional extra boolean mask broadcastable to [B, Hq, T, S] (sparsity patterns), and-ed
-  with causality and the segments.
+  with causality and the segments. softcap: Gemma 2's cap on q.k * scale (before the bias);
+  sinks [Hq]: a learned logit per head in every row's denominator (gpt-oss).
   """
   b, t, hq, d = q.shape
   s, hkv = k.shape[1], k.shape[2]
   ct = compute_dtype(q.dtype)
   scale = d ** -0.5 if sm_scale is None else sm_scale
   q5 = group_queries(q, hkv)
-  logits = jnp.einsum("btkgd,bskd->bkgts", q5, k, preferred_element_type=ct) * scale
+  logits = cap(jnp.einsum("btkgd,bskd->bkgts", q5, k, preferred_element_type=ct) * scale, softcap)
   q_pos, k_pos = jnp.arange(t), jnp.arange(s)
   terms = gate_terms(q, k, causal=causal, segment_ids=segment_ids, alibi_slopes=alibi_slopes,
                      log_gates=log_gates)
@@ -98,12 +120,8 @@ def dense_attention(q, k, v, *, causal=True, segment_ids=None, sm_scale=None,
   if mask is not None:
     mask = jnp.broadcast_to(mask, (mask.shape[0], hq, t, s)).reshape(mask.shape[0], hkv, -1, t, s)
     keep = keep & mask
-  logits = jnp.where(keep, logits, -jnp.inf)
-  m = jnp.max(logits, axis=-1, keepdims=True)
-  m = jnp.where(jnp.isfinite(m), m, 0.0)
-  p = jnp.exp(logits - m)  # masked: exp(-inf) = 0, and no inf whose gradient would be NaN
-  l = jnp.sum(p, axis=-1, keepdims=True)
-  p = p / jnp.where(l == 0, 1.0, l)  # rows with no visible key give 0, not NaN
+  sink = None if sinks is None else sinks.astype(ct).reshape(hkv, -1)[None, :, :, None]
+  p = softmax_with_sinks(logits, keep, sink)  # rows with no visible key give 0, not NaN
   o = jnp.einsum("bkgts,bskd->btkgd", p.astype(v.dtype) if ct != v.dtype else p, v,
                  preferred_element_type=ct)
   return ungroup_queries(o).astype(q.dtype)
@@ -139,15 +157,19 @@ class _Blocks:
     self.n = self.k.shape[0]
 
 
-def _block_logits(q5, blocks, j, seg_q, *, s_len, block_k, causal, scale):
-  """Logits [B, T, K, G, bk] of all queries against key block j, the keep mask, and `above`
-  (where the key comes after the query, for the gate bias's sign; None unless gates and not
-  causal)."""
+def _block_logits(q5, blocks, j, seg_q, *, s_len, block_k, causal, scale, softcap=None):
+  """Logits [B, T, K, G, bk] of all queries against key block j, the keep mask, `above` (where
+  the key comes after the query, for the gate bias's sign; None unless gates and not causal),
+  and the derivative of the soft-cap (None without one)."""
   t = q5.shape[1]
   q_pos = jnp.arange(t)
   k_pos = j * block_k + jnp.arange(block_k)
   ct = compute_dtype(q5.dtype)
   logits = jnp.einsum("btkgd,bskd->btkgs", q5.astype(ct), blocks.k[j].astype(ct)) * scale
+  dcap = None
+  if softcap:
+    logits = cap(logits, softcap)
+    dcap = 1.0 - (logits / softcap) ** 2  # d cap(x) / dx = 1 - tanh(x / cap)^2
   above = None
   if blocks.c_q is not None:
     if not causal:
@@ -158,10 +180,10 @@ def _block_logits(q5, blocks, j, seg_q, *, s_len, block_k, causal, scale):
   keep = keep_mask(q_pos, k_pos, seg_q, seg_k, causal=causal)
   keep = keep & (k_pos < s_len)  # the zero-padded tail of the last block
   keep = keep[:, :, None, None, :] if keep.ndim == 3 else keep[None, :, None, None, :]
-  return logits, keep, above
+  return logits, keep, above, dcap
 
 
-def _forward(q, k, v, segment_ids, c_q, c_k, *, causal, scale, block_k):
+def _forward(q, k, v, segment_ids, c_q, c_k, sinks, *, causal, scale, block_k, softcap):
   b, t, hq, d = q.shape
   s, hkv = k.shape[1], k.shape[2]
   ct = compute_dtype(q.dtype)
@@ -170,11 +192,14 @@ def _forward(q, k, v, segment_ids, c_q, c_k, *, causal, scale, block_k):
   g = hq // hkv
   init = (jnp.full((b, t, hkv, g), -jnp.inf, ct), jnp.zeros((b, t, hkv, g), ct),
           jnp.zeros((b, t, hkv, g, d), ct))
+  if sinks is not None:  # a sink is a key with no value seen first: m = its logit, l = 1
+    sink = jnp.broadcast_to(sinks.astype(ct).reshape(hkv, g), (b, t, hkv, g))
+    init = (sink, jnp.ones((b, t, hkv, g), ct), init[2])
 
   def step(carry, j):
     m, l, acc = carry
-    logits, keep, _ = _block_logits(q5, blocks, j, segment_ids, s_len=s, block_k=block_k,
-                                    causal=causal, scale=scale)
+    logits, keep, _, _ = _block_logits(q5, blocks, j, segment_ids, s_len=s, block_k=block_k,
+                                       causal=causal, scale=scale, softcap=softcap)
     logits = jnp.where(keep, logits, -jnp.inf)
     # The running max stays -inf until a row sees a key; exponents use a finite stand-in, so
     # no exp(-inf - -inf) and no exp(+big): a block whose weights all underflow (strong decay,
@@ -193,10 +218,12 @@ def _forward(q, k, v, segment_ids, c_q, c_k, *, causal, scale, block_k):
   return ungroup_queries(o).astype(q.dtype), lse
 
 
-def _backward(q, k, v, segment_ids, c_q, c_k, o, lse, do, *, causal, scale, block_k):
+def _backward(q, k, v, segment_ids, c_q, c_k, sinks, o, lse, do, *, causal, scale, block_k,
+              softcap):
   """dq, dk, dv and, with gates, dc_q [B, T, Hq] and dc_k [B, S, Hq]: a logit's bias is
   +-(c_q[i] - c_k[j]), so c_q's gradient is the (signed) row sums of dS and c_k's minus its
-  column sums."""
+  column sums. Under a soft-cap, dq and dk see dS times the cap's derivative (the bias does
+  not). A sink (no value) has dS = -p_sink * delta per row: d sink = its sum."""
   b, t, hq, d = q.shape
   s, hkv = k.shape[1], k.shape[2]
   ct = compute_dtype(q.dtype)
@@ -208,14 +235,16 @@ def _backward(q, k, v, segment_ids, c_q, c_k, o, lse, do, *, causal, scale, bloc
 
   def step(carry, j):
     dq, dc_q = carry
-    logits, keep, above = _block_logits(q5, blocks, j, segment_ids, s_len=s, block_k=block_k,
-                                        causal=causal, scale=scale)
+    logits, keep, above, dcap = _block_logits(q5, blocks, j, segment_ids, s_len=s,
+                                              block_k=block_k, causal=causal, scale=scale,
+                                              softcap=softcap)
     p = jnp.exp(jnp.where(keep, logits, -jnp.inf) - lse[..., None])  # [B, T, K, G, bk]
     dv = jnp.einsum("btkgs,btkgd->bskd", p, do5)
     dp = jnp.einsum("btkgd,bskd->btkgs", do5, blocks.v[j].astype(ct))
     ds = p * (dp - delta[..., None])
-    dq = dq + jnp.einsum("btkgs,bskd->btkgd", ds, blocks.k[j].astype(ct)) * scale
-    dk = jnp.einsum("btkgs,btkgd->bskd", ds, q5) * scale
+    ds_qk = ds if dcap is None else ds * dcap
+    dq = dq + jnp.einsum("btkgs,bskd->btkgd", ds_qk, blocks.k[j].astype(ct)) * scale
+    dk = jnp.einsum("btkgs,btkgd->bskd", ds_qk, q5) * scale
     dc_k = None
     if gated:
       ds_c = ds if above is None else jnp.where(above, -ds, ds)  # d logit / d c_q
@@ -228,42 +257,51 @@ def _backward(q, k, v, segment_ids, c_q, c_k, o, lse, do, *, causal, scale, bloc
   unblock = lambda x: x.swapaxes(0, 1).reshape(b, -1, *x.shape[3:])[:, :s]
   grads = (ungroup_queries(dq).astype(q.dtype), unblock(dk).astype(k.dtype),
            unblock(dv).astype(v.dtype))
+  dsinks = None
+  if sinks is not None:
+    p_sink = jnp.exp(sinks.astype(ct).reshape(hkv, -1) - lse)  # [B, T, K, G]
+    dsinks = jnp.sum(-p_sink * delta, axis=(0, 1)).reshape(hq).astype(sinks.dtype)
   if not gated:
-    return grads + (None, None)
+    return grads + (None, None, dsinks)
   return grads + (dc_q.reshape(b, t, hq).astype(c_q.dtype),
-                  unblock(dc_k).reshape(b, s, hq).astype(c_k.dtype))
+                  unblock(dc_k).reshape(b, s, hq).astype(c_k.dtype), dsinks)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
-def _blockwise(q, k, v, segment_ids, c_q, c_k, causal, scale, block_k):
-  return _forward(q, k, v, segment_ids, c_q, c_k, causal=causal, scale=scale,
-                  block_k=block_k)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10))
+def _blockwise(q, k, v, segment_ids, c_q, c_k, sinks, causal, scale, block_k, softcap):
+  return _forward(q, k, v, segment_ids, c_q, c_k, sinks, causal=causal, scale=scale,
+                  block_k=block_k, softcap=softcap)[0]
 
 
-def _blockwise_fwd(q, k, v, segment_ids, c_q, c_k, causal, scale, block_k):
-  o, lse = _forward(q, k, v, segment_ids, c_q, c_k, causal=causal, scale=scale, block_k=block_k)
-  return o, (q, k, v, segment_ids, c_q, c_k, o, lse)
+def _blockwise_fwd(q, k, v, segment_ids, c_q, c_k, sinks, causal, scale, block_k, softcap):
+  o, lse = _forward(q, k, v, segment_ids, c_q, c_k, sinks, causal=causal, scale=scale,
+                    block_k=block_k, softcap=softcap)
+  return o, (q, k, v, segment_ids, c_q, c_k, sinks, o, lse)
 
 
-def _blockwise_bwd(causal, scale, block_k, res, do):
-  q, k, v, segment_ids, c_q, c_k, o, lse = res
-  dq, dk, dv, dc_q, dc_k = _backward(q, k, v, segment_ids, c_q, c_k, o, lse, do, causal=causal,
-                                     scale=scale, block_k=block_k)
-  return dq, dk, dv, None, dc_q, dc_k  # segment ids are integers
+def _blockwise_bwd(causal, scale, block_k, softcap, res, do):
+  q, k, v, segment_ids, c_q, c_k, sinks, o, lse = res
+  dq, dk, dv, dc_q, dc_k, dsinks = _backward(q, k, v, segment_ids, c_q, c_k, sinks, o, lse, do,
+                                             causal=causal, scale=scale, block_k=block_k,
+                                             softcap=softcap)
+  return dq, dk, dv, None, dc_q, dc_k, dsinks  # segment ids are integers
 
 
 _blockwise.defvjp(_blockwise_fwd, _blockwise_bwd)
 
 
 def blockwise_reference(q, k, v, *, causal=True, segment_ids=None, sm_scale=None,
-                        alibi_slopes=None, log_gates=None, block_k=DEFAULT_BLOCK_K):
+                        alibi_slopes=None, log_gates=None, softcap=None, sinks=None,
+                        block_k=DEFAULT_BLOCK_K):
   """Online-softmax attention over key blocks of `block_k`; memory O(T * block_k) per head.
   log_gates / alibi_slopes: the gate bias of gate_terms; its gradient (for the gates, and for
-  the slopes) flows through the running sums by autodiff, from the custom_vjp's dc_q, dc_k."""
+  the slopes) flows through the running sums by autodiff, from the custom_vjp's dc_q, dc_k.
+  softcap / sinks: as dense_attention's."""
   d = q.shape[-1]
   scale = d ** -0.5 if sm_scale is None else float(sm_scale)
   terms = gate_terms(q, k, causal=causal, segment_ids=segment_ids, alibi_slopes=alibi_slopes,
                      log_gates=log_gates)
   c_q, c_k = (None, None) if terms is None else terms
   block_k = min(block_k, k.shape[1])
-  return _blockwise(q, k, v, segment_ids, c_q, c_k, causal, scale, block_k)
+  softcap = float(softcap) if softcap else None
+  return _blockwise(q, k, v, segment_ids, c_q, c_k, sinks, causal, scale, block_k, softcap)

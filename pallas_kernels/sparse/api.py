@@ -45,7 +45,7 @@ def resolve_impl(impl: str, *, jnp_only: bool = False, **call) -> str:
 
 
 def sparse_attention(q, k, v, *, pattern, causal=True, segment_ids=None, sm_scale=None,
-                     alibi_slopes=None, impl="auto"):
+                     alibi_slopes=None, softcap=None, sinks=None, impl="auto"):
   """Softmax attention under `pattern` (SlidingWindow, BlockMask or MoBA).
 
   q [B, T, Hq, D], k/v [B, S, Hkv, D] -> [B, T, Hq, D] in q's dtype. segment_ids [B, T]
@@ -53,7 +53,8 @@ def sparse_attention(q, k, v, *, pattern, causal=True, segment_ids=None, sm_scal
   DESIGN.md signature. impl "reference": dense masked (the oracle); "xla": the block-skipping
   jnp path, whose work is proportional to the kept blocks. The kernels take ALiBi for a
   SlidingWindow (TPU, GPU) and a BlockMask (TPU) in causal self-attention, as the constant
-  forget gates of blockwise_attention; MoBA's kernels do not.
+  forget gates of blockwise_attention; MoBA's kernels do not. softcap and sinks as in
+  blockwise_attention: the jnp paths only.
   """
   _common.check_impl(impl, _IMPLS, name=_NAME)
   _common.check_qkv(q, k, v, name=_NAME)
@@ -68,14 +69,18 @@ def sparse_attention(q, k, v, *, pattern, causal=True, segment_ids=None, sm_scal
     raise ValueError(f"{_NAME}: alibi_slopes{alibi_slopes.shape} must be [Hq] = ({q.shape[2]},)")
   kernel_alibi = causal and q.shape[1] == k.shape[1] and not isinstance(pattern, MoBA)
   name = {SlidingWindow: "window", BlockMask: "blocks", MoBA: "moba"}[type(pattern)]
-  impl = resolve_impl(impl, jnp_only=alibi_slopes is not None and not kernel_alibi,
+  extras = bool(softcap) or sinks is not None
+  impl = resolve_impl(impl, jnp_only=(alibi_slopes is not None and not kernel_alibi) or extras,
                       dtype=jnp.dtype(q.dtype).name, head_dim=q.shape[-1], pattern=name,
                       block_size=getattr(pattern, "block_size", None),
                       alibi=alibi_slopes is not None)
   kwargs = dict(pattern=pattern, causal=causal, segment_ids=segment_ids, sm_scale=sm_scale,
                 alibi_slopes=alibi_slopes)
   if impl == "reference":
-    return sparse_reference(q, k, v, **kwargs)
+    return sparse_reference(q, k, v, softcap=softcap, sinks=sinks, **kwargs)
   if impl == "xla":
-    return sparse_blockwise(q, k, v, **kwargs)
+    return sparse_blockwise(q, k, v, softcap=softcap, sinks=sinks, **kwargs)
+  if extras:
+    raise ValueError(f"{_NAME}: impl={impl!r} takes no softcap or sinks (impl='xla' or "
+                     "'reference' do)")
   return _common.call_kernel(KERNELS, impl, _NAME, q, k, v, **kwargs)

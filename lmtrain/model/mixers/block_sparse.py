@@ -47,7 +47,8 @@ class BlockSparse(SoftmaxFamily):
     pattern = pallas_kernels.BlockMask(self.options.block_size, self.options.mask(q.shape[1]))
     return pallas_kernels.sparse_attention(q, k, v, pattern=pattern, causal=True,
                                            segment_ids=segment_ids,
-                                           alibi_slopes=self.alibi_slopes(), impl=self.impl)
+                                           alibi_slopes=self.alibi_slopes(), impl=self.impl,
+                                           **self.options.attention_kwargs(self))
 
   def decode_mask(self, q_BHD, k_BSKD, key_pos_BS, position_B):
     bs = self.options.block_size

@@ -62,7 +62,8 @@ class FoX(SoftmaxFamily):
 
   def attend_gated(self, q, k, v, log_f, segment_ids):
     return pallas_kernels.blockwise_attention(q, k, v, causal=True, segment_ids=segment_ids,
-                                              log_gates=log_f, impl=self.impl)
+                                              log_gates=log_f, impl=self.impl,
+                                              **self.options.attention_kwargs(self))
 
   @classmethod
   def pairs(cls, options, t):
@@ -76,7 +77,8 @@ class FoX(SoftmaxFamily):
   @classmethod
   def capability(cls, options, ctx):
     return capabilities.blockwise(ctx.impl, backend=ctx.backend, dtype=ctx.dtype,
-                                  head_dim=ctx.dims.head_dim, gated=True)
+                                  head_dim=ctx.dims.head_dim, gated=True,
+                                  extras=options.extras())
 
   # -- decoding: the KV cache plus the cumulative log gate of every cached position -----------
 
@@ -105,5 +107,6 @@ class FoX(SoftmaxFamily):
     bias = c_t[:, :, None] - jnp.moveaxis(c, 1, 2)  # c_t - c_s: [B, H, S]
     allowed = self.decode_mask(q[:, 0], keys, key_pos, position_B)
     bias = jnp.where(allowed, bias, 0.0)
-    o = cached_attention(q[:, 0], keys, values, allowed, bias=bias)
+    o = cached_attention(q[:, 0], keys, values, allowed, bias=bias,
+                         **self.options.attention_kwargs(self))
     return self.finish(o[:, None], x_BD[:, None])[:, 0], cache

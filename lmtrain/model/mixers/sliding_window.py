@@ -35,7 +35,8 @@ class SlidingWindow(SoftmaxFamily):
   def attend(self, q, k, v, segment_ids):
     return pallas_kernels.sparse_attention(
         q, k, v, pattern=pallas_kernels.SlidingWindow(self.options.window), causal=True,
-        segment_ids=segment_ids, alibi_slopes=self.alibi_slopes(), impl=self.impl)
+        segment_ids=segment_ids, alibi_slopes=self.alibi_slopes(), impl=self.impl,
+        **self.options.attention_kwargs(self))
 
   # -- decoding: a ring buffer of the last `window` keys and values (memory independent of the
   # generated length) --------------------------------------------------------------------------
