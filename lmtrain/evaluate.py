@@ -21,6 +21,7 @@ import ml_collections
 from lmtrain import cli, provenance
 from lmtrain import config as config_lib
 from lmtrain.checkpoint import Checkpointer
+from lmtrain.data import DataError
 from lmtrain.evals.runner import EvalSuite, eval_names
 from lmtrain.metrics import MetricWriter
 from lmtrain.trainer import Trainer
@@ -117,7 +118,7 @@ def main(argv):
     results = evaluate(cfg, workdir, names, _STEP.value,
                        allow_config_mismatch=cli.allow_config_mismatch(),
                        evals_flag=_EVALS.value)
-  except (FileNotFoundError, ConfigMismatch, config_lib.ConfigError) as e:
+  except (FileNotFoundError, ConfigMismatch, config_lib.ConfigError, DataError) as e:
     cli.fail(str(e))
   for name, result in results.items():
     print(f"lmtrain: {name}: {_headline(name, result)}", flush=True)

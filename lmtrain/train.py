@@ -20,11 +20,12 @@ from ml_collections import config_flags
 
 from lmtrain import cli, distributed, parallel, provenance
 from lmtrain.checkpoint import Checkpointer, DataStateMismatch
-from lmtrain.data import heldout_batches, set_iterator_state, train_dataset
+from lmtrain.data import DataError, heldout_batches, set_iterator_state, train_dataset
 from lmtrain.data.pipeline import BATCH_KEYS
 from lmtrain.evals.runner import EvalSuite, eval_names
 from lmtrain.flops import peak_flops, train_flops_per_step
 from lmtrain.metrics import MetricWriter, Progress, Stopwatch
+from lmtrain.profiling import StepProfiler
 from lmtrain.trainer import Trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/tiny.py",
@@ -114,7 +115,7 @@ def train(cfg, workdir: str, *, allow_config_mismatch: bool = False) -> dict:
   """Runs (or resumes) training to cfg.train.steps; returns the final metrics. Resuming from a
   checkpoint whose model differs from cfg's is refused (CheckpointMismatch) unless allowed."""
   os.makedirs(workdir, exist_ok=True)
-  record = {"config": cfg.to_dict(), "run": provenance.run_metadata()}
+  record = {"config": cfg.to_dict(), "run": provenance.run_metadata(cfg.data)}
   mesh = parallel.make_mesh(cfg.mesh)
   trainer = Trainer.from_config(cfg)
   shardings = trainer.state_shardings(mesh)
@@ -125,6 +126,9 @@ def train(cfg, workdir: str, *, allow_config_mismatch: bool = False) -> dict:
                       async_save=cfg.train.async_checkpoints)
   data_iter = iter(train_dataset(cfg, process_index=jax.process_index(),
                                  process_count=jax.process_count()))
+  # Every host evaluates the same held-out rows; read before compiling (a split too small for
+  # one batch fails here, DataError).
+  heldout_host = heldout_batches(cfg)
 
   latest = ckpt.latest_step()
   if latest is None:
@@ -169,9 +173,8 @@ def train(cfg, workdir: str, *, allow_config_mismatch: bool = False) -> dict:
     eval_fn = jax.jit(trainer.eval_step, in_shardings=(shardings["params"], batch_sharding),
                       out_shardings=rep).lower(
                           abstract_with(abstract_state, shardings)["params"], batch_spec).compile()
-  # Every host evaluates the same held-out rows; each contributes its slice of the global batch.
-  heldout = [_to_global(_host_slice(b), batch_sharding, columns)
-             for b in heldout_batches(cfg)]
+  # Each host contributes its slice of the global batch.
+  heldout = [_to_global(_host_slice(b), batch_sharding, columns) for b in heldout_host]
 
   eval_suite = None
   if cfg.eval.evals:  # the eval jobs, periodically (on every process: they run the model)
@@ -194,6 +197,7 @@ def train(cfg, workdir: str, *, allow_config_mismatch: bool = False) -> dict:
   last_good = latest
   watch = Stopwatch()
   final = {}
+  profiler = StepProfiler.from_config(cfg, workdir)  # None unless train.profile_steps is set
 
   def flush(step: int) -> None:
     """Fetches pending metrics, checks them, writes them; one host sync per log interval."""
@@ -227,8 +231,12 @@ def train(cfg, workdir: str, *, allow_config_mismatch: bool = False) -> dict:
       step = start
       while step < cfg.train.steps:
         batch = _to_global(next(data_iter), batch_sharding, columns)
+        if profiler is not None:
+          profiler.before(step)
         state, metrics = compiled(state, batch)
         step += 1
+        if profiler is not None:
+          profiler.after(step, state)
         pending.append((step, metrics))
         last = step == cfg.train.steps
         stopping = stop.requested  # read once: a signal may arrive at any point below
@@ -260,6 +268,8 @@ def train(cfg, workdir: str, *, allow_config_mismatch: bool = False) -> dict:
           progress.message(f"lmtrain: {stopping}: saved a checkpoint at step {step}; exiting")
           break
   finally:
+    if profiler is not None:
+      profiler.close()
     writer.close()
     ckpt.close()
   return final
@@ -284,7 +294,7 @@ def main(argv):
     final = train(cfg, workdir, allow_config_mismatch=cli.allow_config_mismatch())
   except NonFiniteLoss as e:
     cli.fail(str(e), code=1)
-  except CheckpointMismatch as e:
+  except (CheckpointMismatch, DataError) as e:
     cli.fail(str(e))
   _log("done: " + json.dumps(final))
 
