@@ -254,7 +254,8 @@ def get_tokenizer(spec: str):
     st = os.stat(path)
   except OSError:
     raise TokenizerError(f"{spec!r} does not exist (give byte, a tokenizer.json or a "
-                         "SentencePiece .model file)") from None
+                         "SentencePiece .model file; python -m lmtrain.tokenizer train "
+                         "makes one)") from None
   if not os.path.isfile(path):
     raise TokenizerError(f"{spec!r} is not a file")
   return _load(path, st.st_mtime_ns, st.st_size)
