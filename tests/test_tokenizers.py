@@ -17,8 +17,10 @@ from lmtrain.tokenizer import main as tokenizer_main
 from lmtrain.tokenizer import train_bpe
 from tests.conftest import small_config
 
-TEXTS = ["Hello, world! Ünïcödé façade — naïve café.\n", "def f(x):\n    return x ** 2  # 平方\n",
-         "emoji 😀 and tabs\tand  double  spaces\n", "The quick brown fox jumps over the lazy dog. " * 3]
+TEXTS = ["Hello, world! Ünïcödé façade — naïve café.\n",
+         "def f(x):\n    return x ** 2  # 平方\n",
+         "emoji 😀 and tabs\tand  double  spaces\n",
+         "The quick brown fox jumps over the lazy dog. " * 3]
 
 
 @pytest.fixture(scope="module")

@@ -156,7 +156,9 @@ def write_manifest(out: str, plan: dict, tokenizer) -> dict:
 
 
 class _Progress:
-  """One updating line on stderr: done / total MiB, rate, ETA (a line per 10% off a TTY)."""
+  """One updating line on stderr: done / total MiB, rate, ETA (a line per 10% off a TTY). The
+  total is the source bytes of both splits' units: a JSON lines or Parquet source is read once
+  per split (each keeps its own documents), a file source once."""
 
   def __init__(self, total: int, already: int):
     self.total, self.start, self.t0 = max(total, 1), already, time.time()
@@ -168,8 +170,8 @@ class _Progress:
     rate = (done - self.start) / max(time.time() - self.t0, 1e-9)
     eta = f"{(self.total - done) / rate:.0f}s" if rate > 0 else "?"
     bar = "#" * int(frac * 30) + "." * (30 - int(frac * 30))
-    line = (f"prepare: [{bar}] {frac:6.1%} {done / 2**20:,.0f}/{self.total / 2**20:,.0f} MiB, "
-            f"{rate / 2**20:.1f} MiB/s, ETA {eta}")
+    line = (f"prepare: [{bar}] {frac:6.1%} {done / 2**20:,.0f}/{self.total / 2**20:,.0f} MiB "
+            f"read, {rate / 2**20:.1f} MiB/s, ETA {eta}")
     if self.tty:
       print("\r" + line, end="\n" if final else "", file=sys.stderr, flush=True)
     elif int(frac * 10) > self._last_decile:  # off a terminal: a line per 10%
