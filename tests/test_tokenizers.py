@@ -156,3 +156,20 @@ def test_bits_per_byte_is_the_hand_computation_for_any_tokenizer(tmp_path, which
   whole = sum(len(t.encode()) for t in TEXTS)  # every document is scored whole here
   assert r["disjoint"]["bytes"] <= whole and r["disjoint"]["bytes"] > 0.8 * whole
   assert tok_lib.get_tokenizer(spec).num_bytes(tok.encode(TEXTS[0])) == len(TEXTS[0].encode())
+
+
+def test_passkey_prompt_in_token_space_of_a_bpe_tokenizer(bpe_path):
+  from lmtrain.evals import needle
+  tok = get_tokenizer(bpe_path)
+  filler = tok.encode(needle.SYNTHETIC_FILLER)
+  for length, depth in ((96, 0.0), (200, 0.5), (300, 1.0)):
+    s = needle.make_sample(tok, length=length, depth=depth, key=48213, filler_ids=filler)
+    assert len(s.tokens) == length + 1
+    answer = s.tokens[1:][s.answer_slice]
+    assert tok.decode(answer).strip() == "48213"  # a merged leading space belongs to it
+    tail = s.tokens[-(len(answer) + 40):]
+    assert tok.decode(tail).endswith(needle.QUESTION + "48213")
+    assert tok.decode(s.tokens[s.needle_start:]).startswith("The pass key is 48213.")
+  question, answer = needle.question_and_answer(tok, "48213")
+  assert np.array_equal(np.concatenate([question, answer]),
+                        tok.encode(needle.QUESTION + "48213"))
