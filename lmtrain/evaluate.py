@@ -20,6 +20,7 @@ import ml_collections
 from lmtrain import cli, provenance
 from lmtrain import config as config_lib
 from lmtrain.checkpoint import Checkpointer
+from lmtrain.data import DataError
 from lmtrain.evals.runner import EvalSuite, eval_names
 from lmtrain.metrics import MetricWriter
 from lmtrain.workdir import WorkdirError, check_writable
@@ -128,7 +129,8 @@ def main(argv):
     results = evaluate(cfg, workdir, names, _STEP.value,
                        allow_config_mismatch=cli.allow_config_mismatch(),
                        evals_flag=_EVALS.value)
-  except (FileNotFoundError, ConfigMismatch, config_lib.ConfigError, WorkdirError) as e:
+  except (FileNotFoundError, ConfigMismatch, config_lib.ConfigError, WorkdirError,
+          DataError) as e:
     cli.fail(str(e))
   for name, result in results.items():
     print(f"lmtrain: {name}: {_headline(name, result)}", flush=True)

@@ -9,22 +9,21 @@ import json
 import math
 import os
 import signal
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import flags
 
 from lmtrain import cli, distributed, parallel, provenance
 from lmtrain.checkpoint import (Checkpointer, CheckpointShapeError, CheckpointWriteError,
                                 DataStateMismatch)
-from lmtrain.data import heldout_batches, set_iterator_state, train_dataset
+from lmtrain.data import DataError, heldout_batches, set_iterator_state, train_dataset
 from lmtrain.data.pipeline import BATCH_KEYS
 from lmtrain.evals.runner import EvalSuite, eval_names
 from lmtrain.flops import peak_flops, train_flops_per_step
 from lmtrain.metrics import MetricWriter, Progress, Stopwatch
+from lmtrain.profiling import StepProfiler
 from lmtrain.trainer import Trainer
 from lmtrain.workdir import WorkdirError, WorkdirLock, check_writable
 
@@ -127,7 +126,7 @@ def train(cfg, workdir: str, *, allow_config_mismatch: bool = False) -> dict:
 
 
 def _train(cfg, workdir: str, allow_config_mismatch: bool) -> dict:
-  record = {"config": cfg.to_dict(), "run": provenance.run_metadata()}
+  record = {"config": cfg.to_dict(), "run": provenance.run_metadata(cfg.data)}
   mesh = parallel.make_mesh(cfg.mesh)
   trainer = Trainer.from_config(cfg)
   shardings = trainer.state_shardings(mesh)
@@ -138,6 +137,9 @@ def _train(cfg, workdir: str, allow_config_mismatch: bool) -> dict:
                       async_save=cfg.train.async_checkpoints)
   data_iter = iter(train_dataset(cfg, process_index=jax.process_index(),
                                  process_count=jax.process_count()))
+  # Every host evaluates the same held-out rows; read before compiling (a split too small for
+  # one batch fails here, DataError).
+  heldout_host = heldout_batches(cfg)
 
   latest = ckpt.latest_step()
   state = None
@@ -194,9 +196,8 @@ def _train(cfg, workdir: str, allow_config_mismatch: bool) -> dict:
     eval_fn = jax.jit(trainer.eval_step, in_shardings=(shardings["params"], batch_sharding),
                       out_shardings=rep).lower(
                           abstract_with(abstract_state, shardings)["params"], batch_spec).compile()
-  # Every host evaluates the same held-out rows; each contributes its slice of the global batch.
-  heldout = [_to_global(_host_slice(b), batch_sharding, columns)
-             for b in heldout_batches(cfg)]
+  # Each host contributes its slice of the global batch.
+  heldout = [_to_global(_host_slice(b), batch_sharding, columns) for b in heldout_host]
 
   eval_suite = None
   if cfg.eval.evals:  # the eval jobs, periodically (on every process: they run the model)
@@ -224,6 +225,7 @@ def _train(cfg, workdir: str, allow_config_mismatch: bool) -> dict:
     return f"the last good checkpoint is step {ckpt.last_verified} in {ckpt.directory}"
   watch = Stopwatch()
   final = {}
+  profiler = StepProfiler.from_config(cfg, workdir)  # None unless train.profile_steps is set
 
   def flush(step: int) -> None:
     """Fetches pending metrics, checks them, writes them; one host sync per log interval."""
@@ -256,9 +258,13 @@ def _train(cfg, workdir: str, allow_config_mismatch: bool) -> dict:
       step = start
       while step < cfg.train.steps:
         batch = _to_global(next(data_iter), batch_sharding, columns)
+        if profiler is not None:
+          profiler.before(step)
         state, metrics = compiled(state, batch)
         ckpt.check_saved()  # a background save that failed stops the run here, in one line
         step += 1
+        if profiler is not None:
+          profiler.after(step, state)
         pending.append((step, metrics))
         last = step == cfg.train.steps
         stopping = stop.requested  # read once: a signal may arrive at any point below
@@ -289,6 +295,8 @@ def _train(cfg, workdir: str, allow_config_mismatch: bool) -> dict:
           progress.message(f"lmtrain: {stopping}: saved a checkpoint at step {step}; exiting")
           break
   finally:
+    if profiler is not None:
+      profiler.close()
     writer.close()
     ckpt.close()
   return final
@@ -315,7 +323,7 @@ def main(argv):
     final = train(cfg, workdir, allow_config_mismatch=cli.allow_config_mismatch())
   except (NonFiniteLoss, CheckpointWriteError) as e:  # the run failed: exit 1
     cli.fail(str(e), code=1)
-  except (CheckpointMismatch, WorkdirError) as e:  # the user asked for something impossible
+  except (CheckpointMismatch, WorkdirError, DataError) as e:  # the user asked for the impossible
     cli.fail(str(e))
   except NothingToDo as e:
     _log(str(e))
