@@ -52,7 +52,7 @@ def check_against_reference(q, k, v, seg, cot, *, causal, block, interpret=None,
     np.testing.assert_allclose(got, want, atol=rtol * scale, rtol=rtol, err_msg=name)
 
 
-@settings(max_examples=6, deadline=None, derandomize=True,
+@settings(max_examples=3, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.too_slow])
 @given(t=st.integers(9, 70), ratio=st.sampled_from([1, 2, 4]), causal=st.booleans(),
        segments=st.booleans(), block=st.sampled_from([8, 16, 32]), seed=st.integers(0, 99))
@@ -62,7 +62,7 @@ def test_kernel_matches_reference_on_random_shapes(t, ratio, causal, segments, b
   check_against_reference(q, k, v, seg, cot, causal=causal, block=block)
 
 
-@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("d", [128, 256])  # 64: the tests above
 def test_head_dims(d):
   q, k, v, seg, cot = inputs(1, 1, 24, 2, 1, d, True)
   check_against_reference(q, k, v, seg, cot, causal=True, block=16)
@@ -108,7 +108,6 @@ def log_gates(seed, b, t, hq, high=1.0):
 
 @pytest.mark.parametrize("t,hq,hkv,segments,block,high", [
     (37, 4, 2, True, 8, 1.0),  # GQA, T not a multiple of the block, packed documents
-    (50, 2, 2, False, 16, 1.0),
     (45, 4, 1, True, 16, 40.0),  # strong decay: whole key blocks underflow to exact zeros
 ])
 def test_forget_gates_match_reference(t, hq, hkv, segments, block, high):

@@ -84,7 +84,7 @@ def check_against_reference(q, k, v, seg, cot, *, causal, pattern=None, schedule
     np.testing.assert_allclose(got, want, atol=BF16_RTOL * scale, rtol=BF16_RTOL, err_msg=name)
 
 
-@settings(max_examples=3, deadline=None, derandomize=True,
+@settings(max_examples=2, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.too_slow])
 @given(t=st.integers(33, 150), ratio=st.sampled_from([1, 2, 4]), causal=st.booleans(),
        segments=st.booleans(), seed=st.integers(0, 99))
@@ -94,9 +94,9 @@ def test_kernel_matches_reference_on_random_shapes(t, ratio, causal, segments, s
   check_against_reference(q, k, v, seg, cot, causal=causal)
 
 
-@pytest.mark.parametrize("schedule", ["ws", "one_warpgroup"])
-@pytest.mark.parametrize("t,causal,ratio,segments", [(150, True, 2, True), (200, False, 1, False),
-                                                     (190, True, 4, False)])
+@pytest.mark.parametrize("schedule,t,causal,ratio,segments", [
+    ("ws", 150, True, 2, True), ("ws", 200, False, 1, False), ("one_warpgroup", 190, True, 4, False),
+    ("one_warpgroup", 200, False, 1, False)])
 def test_both_forward_schedules_match_reference(schedule, t, causal, ratio, segments):
   """The warp-specialised forward and the plain pipelined one (schedule="one_warpgroup"; the
   tables of MoBA and block masks always take it) on the causal / full formula; without segment
@@ -105,14 +105,13 @@ def test_both_forward_schedules_match_reference(schedule, t, causal, ratio, segm
   check_against_reference(q, k, v, seg, cot, causal=causal, schedule=schedule)
 
 
-@pytest.mark.parametrize("d", [128, 256])
+@pytest.mark.parametrize("d", [256])  # 64 above, 128 in the lowering tests and on the device
 def test_head_dims(d):
   q, k, v, seg, cot = inputs(1, 1, 70, 2, 1, d, True)
   check_against_reference(q, k, v, seg, cot, causal=True)
 
 
-@pytest.mark.parametrize("window,causal,t", [(5, True, 150), (70, True, 200), (100, False, 140),
-                                             (1000, True, 90)])
+@pytest.mark.parametrize("window,causal,t", [(5, True, 150), (100, False, 140), (1000, True, 90)])
 def test_sliding_window_below_and_above_the_block(window, causal, t):
   q, k, v, seg, cot = inputs(4, 1, t, 2, 1, 64, True)
   check_against_reference(q, k, v, seg, cot, causal=causal, pattern=SlidingWindow(window))
@@ -167,8 +166,7 @@ def test_whole_tiles_are_exactly_those_position_keeps_entirely(causal, window, s
                         window=None, segments=True) is None
 
 
-@pytest.mark.parametrize("t,block,top_k,segments", [(300, 64, 3, True), (200, 128, 9, False),
-                                                    (130, 64, 1, True)])
+@pytest.mark.parametrize("t,block,top_k,segments", [(300, 64, 3, True), (130, 64, 1, True)])
 def test_moba_matches_reference(t, block, top_k, segments):
   """MoBA on the GPU kernels: top_k 1 (own block only), below and above the number of blocks,
   ragged T; forward and gradients against the dense masked reference."""
@@ -239,8 +237,8 @@ def test_lowers_for_cuda_forward_and_backward(d, causal, ratio, window, schedule
 
 
 @pytest.mark.parametrize("schedule,t,causal,ratio,segments,window", [
-    ("ws", 150, True, 2, True, None), ("ws", 200, False, 1, False, None),
-    ("one_warpgroup", 190, True, 4, True, None), ("ws", 230, True, 2, False, 70)])
+    ("ws", 200, False, 1, False, None), ("one_warpgroup", 190, True, 4, True, None),
+    ("ws", 230, True, 2, False, 70)])
 def test_fused_backward_matches_reference(schedule, t, causal, ratio, segments, window):
   """backward="fused" (dq added from the dk/dv kernel into fp32 memory): forward and the three
   gradients against the reference, GQA 1/2/4, ragged T, segments, a sliding window. Interpret
@@ -327,8 +325,7 @@ def log_gates(seed, b, t, hq, high=0.5):
 
 
 @pytest.mark.parametrize("schedule,backward,t,ratio,segments,high", [
-    ("ws", "split", 150, 2, True, 0.5), ("ws", "fused", 130, 1, False, 0.5),
-    ("one_warpgroup", "split", 100, 4, True, 30.0), ("one_warpgroup", "fused", 90, 2, True, 0.5)])
+    ("ws", "split", 150, 2, True, 0.5), ("one_warpgroup", "fused", 100, 4, True, 30.0)])
 def test_forget_gates_match_reference(schedule, backward, t, ratio, segments, high):
   """FoX's gate bias on both schedules and both backwards: out and the gradients of q, k, v
   and the gates (the keys' share summed per query head in the dk/dv kernel) against the fp32

@@ -57,7 +57,7 @@ def check_against_reference(q, k, v, decay, seg, cot, *, chunk, interpret=None, 
     np.testing.assert_allclose(got, want, atol=rtol * scale, rtol=rtol, err_msg=name)
 
 
-@settings(max_examples=8, deadline=None, derandomize=True,
+@settings(max_examples=4, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.too_slow])
 @given(t=st.integers(5, 50), ratio=st.sampled_from([1, 2, 4]),
        decay_kind=st.sampled_from(["none", "constant", "gates", "strong_gates"]),
@@ -74,7 +74,7 @@ def test_kernel_matches_reference_on_random_shapes(t, ratio, decay_kind, fmap_no
                           normalize=normalize)
 
 
-@pytest.mark.parametrize("decay_kind", ["strong_gates", "gates"])
+@pytest.mark.parametrize("decay_kind", ["strong_gates"])  # plain gates: the random shapes
 def test_strongly_negative_gates_and_a_ragged_tail(decay_kind):
   q, k, v, decay, seg, cot = inputs(7, 1, 29, 2, 2, 16, decay_kind=decay_kind, segments=True)
   check_against_reference(q, k, v, decay, seg, cot, chunk=8)
@@ -122,7 +122,7 @@ def test_float64_inputs_get_a_one_line_error():
     linear_attention_tpu(q, q, q, interpret=pltpu.InterpretParams())
 
 
-@pytest.mark.parametrize("variant", ["linear", "simple_gla"])
+@pytest.mark.parametrize("variant", ["simple_gla"])  # the data-dependent gates and their grads
 def test_the_model_runs_the_kernel_with_impl_interpret(variant):
   """The model's attention.impl reaches the kernel: logits and parameter gradients equal the
   XLA chunked form's (simple_gla: data-dependent gates from a learned projection)."""

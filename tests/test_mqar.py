@@ -13,7 +13,7 @@ from lmtrain.mqar_check import mqar_config, train_recall
 SMALL = {"model.d_model": 32, "model.num_layers": 1, "model.num_heads": 2,
          "model.num_kv_heads": 2, "model.mlp_dim": 32, "data.seq_len": 16, "data.batch_size": 32,
          "data.mqar_num_pairs": "2", "data.mqar_vocab_size": 64, "eval.mqar_pairs": "2",
-         "eval.mqar_samples": 256, "train.steps": 150, "train.lr": 1e-2,
+         "eval.mqar_samples": 256, "train.steps": 250, "train.lr": 1e-2,
          "train.warmup_steps": 20}
 THRESHOLD = 0.25
 

