@@ -58,6 +58,10 @@ def base_config() -> ml_collections.ConfigDict:
       steps=300, lr=3e-3, warmup_steps=30, end_lr_ratio=0.1, b1=0.9, b2=0.95,
       weight_decay=0.1, grad_clip=1.0, grad_accum=1, seed=0, log_every=10, eval_every=100,
       checkpoint_every=50, keep_checkpoints=3, async_checkpoints=True,
+      # memory (README "Training memory"): what each block keeps for the backward pass (none,
+      # full, dots), the block stack as one scan over stacked layers, and the tokens per chunk
+      # of the vocabulary-chunked loss (0 = auto: unchunked when the logits are small)
+      remat="none", scan_layers=False, loss_chunk=0,
   )
   c.mesh = dict(data=-1, fsdp=1, tensor=1, sequence=1)
   c.eval = dict(
@@ -284,6 +288,7 @@ def _validate_resolved(cfg) -> None:
     _fail(f"train.warmup_steps={t.warmup_steps} exceeds train.steps={t.steps}")
   if d.batch_size % t.grad_accum:
     _fail(f"train.grad_accum={t.grad_accum} does not divide data.batch_size={d.batch_size}")
+  validate_memory(cfg)
   validate_eval(cfg)
   for axis in MESH_AXES:
     size = cfg.mesh[axis]
@@ -292,6 +297,22 @@ def _validate_resolved(cfg) -> None:
   if sum(cfg.mesh[a] == -1 for a in MESH_AXES) > 1:
     _fail("mesh: at most one axis may be -1, got " +
           ", ".join(f"{a}={cfg.mesh[a]}" for a in MESH_AXES))
+
+
+def validate_memory(cfg) -> None:
+  """train.remat, train.scan_layers and train.loss_chunk."""
+  from lmtrain.model import stack
+  t = cfg.train
+  _one_of(cfg, "train.remat", tuple(stack.REMAT_POLICIES))
+  if not isinstance(t.scan_layers, bool):
+    _fail(f"train.scan_layers={t.scan_layers!r} must be True or False")
+  if not isinstance(t.loss_chunk, int) or isinstance(t.loss_chunk, bool) or t.loss_chunk < 0:
+    _fail(f"train.loss_chunk={t.loss_chunk!r} must be an integer >= 0 (0 = auto)")
+  if t.scan_layers:
+    from lmtrain.model.transformer import stacking_error
+    why = stacking_error(cfg.model)
+    if why:
+      _fail(f"train.scan_layers=True: {why}")
 
 
 EVAL_NAMES = ("ppl", "niah", "extrapolation", "mqar")

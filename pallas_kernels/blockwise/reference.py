@@ -15,7 +15,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels._common import cdiv, group_queries, ungroup_queries
+from pallas_kernels._common import cdiv, group_queries, tied_to, ungroup_queries
 
 DEFAULT_BLOCK_K = 128
 
@@ -133,7 +133,7 @@ def _forward(q, k, v, segment_ids, slopes, *, causal, scale, block_k):
     acc = alpha[..., None] * acc + jnp.einsum("btkgs,bskd->btkgd", p, v_blocks[j].astype(ct))
     return (m_new, l, acc), None
 
-  (m, l, acc), _ = jax.lax.scan(step, init, jnp.arange(k_blocks.shape[0]))
+  (m, l, acc), _ = jax.lax.scan(step, init, tied_to(jnp.arange(k_blocks.shape[0]), q5))
   o = acc / jnp.where(l == 0, 1.0, l)[..., None]
   lse = jnp.where(l == 0, jnp.inf, jnp.where(jnp.isfinite(m), m, 0.0) + jnp.log(l))
   return ungroup_queries(o).astype(q.dtype), lse
