@@ -59,9 +59,10 @@ def base_config() -> ml_collections.ConfigDict:
       weight_decay=0.1, grad_clip=1.0, grad_accum=1, seed=0, log_every=10, eval_every=100,
       checkpoint_every=50, keep_checkpoints=3, async_checkpoints=True,
       # memory (README "Training memory"): what each block keeps for the backward pass (none,
-      # full, dots), the block stack as one scan over stacked layers, and the tokens per chunk
-      # of the vocabulary-chunked loss (0 = auto: unchunked when the logits are small)
-      remat="none", scan_layers=False, loss_chunk=0,
+      # full, dots), the block stack as one scan over stacked layers, the tokens per chunk of
+      # the MLP's recompute under remat=full, and of the vocabulary-chunked loss (0 = auto:
+      # unchunked when the logits are small)
+      remat="none", scan_layers=False, mlp_chunk=2048, loss_chunk=0,
   )
   c.mesh = dict(data=-1, fsdp=1, tensor=1, sequence=1)
   c.eval = dict(
@@ -300,14 +301,16 @@ def _validate_resolved(cfg) -> None:
 
 
 def validate_memory(cfg) -> None:
-  """train.remat, train.scan_layers and train.loss_chunk."""
+  """train.remat, train.scan_layers, train.mlp_chunk and train.loss_chunk."""
   from lmtrain.model import stack
   t = cfg.train
   _one_of(cfg, "train.remat", tuple(stack.REMAT_POLICIES))
   if not isinstance(t.scan_layers, bool):
     _fail(f"train.scan_layers={t.scan_layers!r} must be True or False")
-  if not isinstance(t.loss_chunk, int) or isinstance(t.loss_chunk, bool) or t.loss_chunk < 0:
-    _fail(f"train.loss_chunk={t.loss_chunk!r} must be an integer >= 0 (0 = auto)")
+  for field, zero in (("loss_chunk", "auto"), ("mlp_chunk", "the whole sequence")):
+    value = t[field]
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+      _fail(f"train.{field}={value!r} must be an integer >= 0 (0 = {zero})")
   if t.scan_layers:
     from lmtrain.model.transformer import stacking_error
     why = stacking_error(cfg.model)

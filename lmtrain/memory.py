@@ -11,8 +11,8 @@ beside its analytic floor, so a researcher sees whether a length fits a device b
 The floor is what a step must hold besides parameters and optimizer state: the fp32 gradients
 (parameter-sized), the residual stream kept at every block boundary (L x T x d_model in the
 compute dtype: what train.remat=full keeps), one layer's working set while it is recomputed
-(normed inputs, q/k/v, attention output and softmax statistics, the MLP's hidden) and one chunk
-of logits with its gradient. "Per token" divides what is left of the temporaries after the
+(normed inputs, q/k/v, attention output and softmax statistics, and the MLP's hidden for one
+train.mlp_chunk of tokens) and one chunk of logits with its gradient. "Per token" divides what is left of the temporaries after the
 gradients by the tokens of the step.
 """
 from __future__ import annotations
@@ -98,8 +98,11 @@ def floor(cfg, mesh_shape: dict, params_bytes: int) -> dict:
   tokens = rows * cfg.data.seq_len // mesh_shape["sequence"]
   b = np.dtype(DTYPES[cfg.model.dtype]).itemsize
   qkvo = (2 * m.num_heads + 2 * m.num_kv_heads) * m.head_dim // mesh_shape["tensor"]
-  layer = tokens * (b * (2 * m.d_model + qkvo + 3 * m.mlp_dim // mesh_shape["tensor"])
-                    + 4 * m.num_heads)
+  # the MLP's hidden for the tokens it holds at once (a chunk of them under train.mlp_chunk)
+  mlp_chunk = cfg.train.mlp_chunk or cfg.data.seq_len
+  mlp_tokens = tokens * min(mlp_chunk, cfg.data.seq_len) // cfg.data.seq_len
+  layer = (tokens * (b * (2 * m.d_model + qkvo) + 4 * m.num_heads)
+           + mlp_tokens * b * 3 * m.mlp_dim // mesh_shape["tensor"])
   chunk = loss_lib.chunk_tokens(cfg.train.loss_chunk, rows, cfg.data.seq_len, m.vocab_size)
   logits = 2 * 4 * rows * chunk * m.vocab_size // mesh_shape["tensor"]
   return {"gradients": params_bytes, "residual": m.num_layers * tokens * m.d_model * b,
@@ -152,7 +155,7 @@ def settings_line(cfg) -> str:
   t, m = cfg.train, cfg.model
   return (f"{m.num_layers} layers x d_model {m.d_model}, vocab {m.vocab_size}, {m.dtype}; "
           f"train.remat={t.remat}, train.scan_layers={t.scan_layers}, "
-          f"train.loss_chunk={t.loss_chunk}; backend {jax.default_backend()}, "
+          f"train.mlp_chunk={t.mlp_chunk}, train.loss_chunk={t.loss_chunk}; backend {jax.default_backend()}, "
           f"{jax.device_count()} device(s), mesh {dict(parallel.make_mesh(cfg.mesh).shape)}")
 
 

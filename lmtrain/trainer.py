@@ -46,11 +46,11 @@ class ModelFns:
 
 
 def build_model(model_cfg, *, scan_layers: bool = False, remat: str = "none",
-                loss_chunk: int = 0) -> tuple[ModelFns, Callable]:
+                mlp_chunk: int = 0, loss_chunk: int = 0) -> tuple[ModelFns, Callable]:
   """ModelFns and `init(rng_key) -> params` (run it under jit: nothing is allocated here).
-  scan_layers, remat and loss_chunk are the train.* fields of the same names."""
+  scan_layers, remat, mlp_chunk and loss_chunk are the train.* fields of the same names."""
   make = lambda key: Transformer(model_cfg, rngs=nnx.Rngs(key), scan_layers=scan_layers,
-                                 remat=remat)
+                                 remat=remat, mlp_chunk=mlp_chunk)
 
   def init(key):
     return nnx.to_pure_dict(nnx.state(make(key)))
@@ -66,7 +66,7 @@ def build_model(model_cfg, *, scan_layers: bool = False, remat: str = "none",
 def model_options(train_cfg) -> dict:
   """The build_model keywords of a config's `train` section."""
   return {"scan_layers": train_cfg.scan_layers, "remat": train_cfg.remat,
-          "loss_chunk": train_cfg.loss_chunk}
+          "mlp_chunk": train_cfg.mlp_chunk, "loss_chunk": train_cfg.loss_chunk}
 
 
 def make_optimizer(train_cfg) -> tuple[optax.GradientTransformation, optax.Schedule]:

@@ -1,15 +1,11 @@
 """Next-token losses without the whole [B, T, V] float32 logits: the final norm, the output
 projection and the cross-entropy run over chunks of tokens, forward and backward.
 
-The chunks are one lax.scan whose body is wrapped in jax.checkpoint: the backward pass
-recomputes each chunk's logits instead of keeping them, so at most one chunk of logits (and
-its gradient) is live at a time, whatever T and V are. Every token's loss is computed by the
-same operations as without chunks (same norm, projection, log-softmax), so the result equals
-the unchunked loss up to the order of a matmul's rows.
-
-Chunk j holds the tokens i * n + j (n chunks, i < chunk): strided rather than contiguous, so
-that a sequence axis sharded over devices (ring attention) stays evenly sharded inside every
-chunk instead of being gathered.
+The chunks (lmtrain.model.chunks) are one lax.scan whose body is wrapped in jax.checkpoint:
+the backward pass recomputes each chunk's logits instead of keeping them, so at most one chunk
+of logits (and its gradient) is live at a time, whatever T and V are. Every token's loss is
+computed by the same operations as without chunks (same norm, projection, log-softmax), so the
+result equals the unchunked loss up to the rounding of a matmul of another shape.
 """
 from __future__ import annotations
 
@@ -19,6 +15,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import optax
+
+from lmtrain.model import chunks
 
 # train.loss_chunk=0 (auto): a chunk's fp32 logits take at most this many bytes per device, and
 # sequences whose whole logits fit run unchunked.
@@ -60,20 +58,5 @@ def token_losses(hidden_BTD, targets_BT, logits_fn: Callable, *, chunk: int,
   `with_correct` also whether the argmax is the target [B, T] bool. logits_fn maps [..., D] to
   [..., V] float32 (the model's final norm and output projection); it sees at most
   [B, chunk, D] at a time. Returns a tuple."""
-  b, t, d = hidden_BTD.shape
-  if chunk >= t:
-    return _stats(logits_fn(hidden_BTD), targets_BT, with_correct)
-  n = -(-t // chunk)
-  pad = n * chunk - t
-  if pad:  # padded tokens are scored against target 0 and dropped below
-    hidden_BTD = jnp.pad(hidden_BTD, ((0, 0), (0, pad), (0, 0)))
-    targets_BT = jnp.pad(targets_BT, ((0, 0), (0, pad)))
-  xs = hidden_BTD.reshape(b, chunk, n, d).transpose(2, 0, 1, 3)  # [n, B, chunk, D]
-  ts = targets_BT.reshape(b, chunk, n).transpose(2, 0, 1)  # [n, B, chunk]
-
-  @jax.checkpoint  # the backward recomputes the chunk's logits rather than keeping them
-  def one_chunk(x, targets):
-    return _stats(logits_fn(x), targets, with_correct)
-
-  _, out = jax.lax.scan(lambda carry, xt: (carry, one_chunk(*xt)), None, (xs, ts))
-  return tuple(a.transpose(1, 2, 0).reshape(b, n * chunk)[:, :t] for a in out)
+  return chunks.map_tokens(lambda x, targets: _stats(logits_fn(x), targets, with_correct),
+                           (hidden_BTD, targets_BT), chunk)

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lmtrain.model import mixers
+from lmtrain.model import chunks, mixers
 from lmtrain.model import positions as pos
 from lmtrain.model import stack as stack_lib
 from lmtrain.model.dims import ModelDims
@@ -38,7 +38,10 @@ def mixer_options(attn_cfg, kind: str):
 class Block(nnx.Module):
   """x + mixer(norm(x)), then x + mlp(norm(x)); the mixer is the layer's attention kind."""
 
-  def __init__(self, dims: ModelDims, attn_cfg, layer: int, *, rngs: nnx.Rngs):
+  def __init__(self, dims: ModelDims, attn_cfg, layer: int, *, rngs: nnx.Rngs,
+               mlp_chunk: int = 0):
+    """mlp_chunk: run the MLP (and its norm) over chunks of this many tokens per row, each
+    recomputed in the backward pass (0: the whole sequence at once)."""
     out_std = INIT_STD / math.sqrt(2 * dims.num_layers)  # GPT-2 scaling of residual writes
     kind = dims.layer_kinds[layer]
     self.attn_norm = rms_norm(dims.d_model, dims, rngs)
@@ -47,12 +50,14 @@ class Block(nnx.Module):
     self.mlp_norm = rms_norm(dims.d_model, dims, rngs)
     self.mlp = SwiGLU(dims, out_std=out_std, rngs=rngs)
     self.dropout_rate = dims.dropout_rate
+    self.mlp_chunk = mlp_chunk
 
   def __call__(self, x_BTD, positions_BT, segment_ids_BT, rng=None):
     rngs = (None, None) if rng is None else tuple(jax.random.split(rng))
     h = self.attn(self.attn_norm(x_BTD), positions_BT, segment_ids_BT)
     x_BTD = x_BTD + dropout(h, self.dropout_rate, rngs[0])
-    h = self.mlp(self.mlp_norm(x_BTD))
+    # per token: over chunks, one layer's backward holds one chunk of the [B, T, mlp_dim] hidden
+    h = chunks.map_tokens(lambda x: self.mlp(self.mlp_norm(x)), (x_BTD,), self.mlp_chunk)
     return x_BTD + dropout(h, self.dropout_rate, rngs[1])
 
   def at_layer(self, layer) -> None:
@@ -69,11 +74,13 @@ class Transformer(nnx.Module):
 
   scan_layers: run the blocks as one scan over stacked parameters (the params tree then has
   `stack` and maybe `tail` instead of `blocks`; lmtrain.model.stack converts between them).
-  remat: "none", "full" or "dots" (lmtrain.model.stack.REMAT_POLICIES). Neither changes the
-  parameters' values: the same key initialises the same weights either way.
+  remat: "none", "full" or "dots" (lmtrain.model.stack.REMAT_POLICIES); under "full" the MLP
+  is recomputed over chunks of `mlp_chunk` tokens (0: the whole sequence). None of these
+  changes the parameters' values: the same key initialises the same weights either way.
   """
 
-  def __init__(self, cfg, *, rngs: nnx.Rngs, scan_layers: bool = False, remat: str = "none"):
+  def __init__(self, cfg, *, rngs: nnx.Rngs, scan_layers: bool = False, remat: str = "none",
+               mlp_chunk: int = 0):
     dims = ModelDims.from_config(cfg)
     if remat not in stack_lib.REMAT_POLICIES:
       raise ValueError(f"remat={remat!r} is not one of {', '.join(stack_lib.REMAT_POLICIES)}")
@@ -82,7 +89,10 @@ class Transformer(nnx.Module):
     self.scan_layers = scan_layers
     self.embed = nnx.Embed(dims.vocab_size, dims.d_model, dtype=dims.compute_dtype,
                            embedding_init=normal_init(("vocab", "embed")), rngs=rngs)
-    blocks = [Block(dims, cfg.attention, i, rngs=rngs) for i in range(dims.num_layers)]
+    # the MLP over chunks of tokens where its recompute is part of the policy anyway
+    mlp_chunk = mlp_chunk if remat == "full" else 0
+    blocks = [Block(dims, cfg.attention, i, rngs=rngs, mlp_chunk=mlp_chunk)
+              for i in range(dims.num_layers)]
     if scan_layers:
       period, groups, _ = stack_lib.scan_groups(dims.layer_kinds)
       self.stack = nnx.List([stack_lib.stack_blocks(blocks[p:groups * period:period], p)
