@@ -6,10 +6,17 @@ import os
 import sys
 
 from absl import flags
+from ml_collections import config_flags
 
 from lmtrain import config as config_lib
 
-
+# The flags every entry point shares, defined once so that train, evaluate and generate can be
+# imported into one process (absl refuses a flag defined twice).
+CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/tiny.py",
+                                         lock_config=True)
+WORKDIR = flags.DEFINE_string("workdir", None, "The run's directory (checkpoints, logs).")
+STEP = flags.DEFINE_integer("step", None, "evaluate/generate: the checkpoint step (default: the "
+                            "latest).")
 _ALLOW_MISMATCH = flags.DEFINE_bool(
     "allow_config_mismatch", False,
     "Use a checkpoint whose saved model config differs from --config (results record both).")
@@ -97,3 +104,14 @@ def start(argv, config_holder, workdir_flag, *, config_required: bool = True):
   if not workdir_flag.value:
     fail("--workdir is required")
   return cfg, workdir_flag.value
+
+
+def run(main) -> None:
+  """app.run(main) with one-line flag errors, and Ctrl-C at any moment (the compile included)
+  ending quietly with exit code 130."""
+  from absl import app
+  try:
+    app.run(main, flags_parser=parse_flags_or_exit)
+  except KeyboardInterrupt:
+    print("lmtrain: interrupted", file=sys.stderr, flush=True)
+    sys.exit(130)

@@ -17,8 +17,7 @@ from lmtrain.config_error import ConfigError  # re-exported: lmtrain.config.Conf
 
 ATTENTION_IMPLS = ("auto", "reference", "xla", "cudnn", "pallas", "interpret", "interpret_gpu")
 DTYPES = ("float32", "bfloat16", "float16")
-DATA_SOURCES = ("stdlib", "text", "jsonl", "mqar")
-TOKENIZERS = ("byte",)
+DATA_SOURCES = ("stdlib", "text", "jsonl", "parquet", "arrayrecord", "mqar")
 MESH_AXES = ("data", "fsdp", "tensor", "sequence")
 # Fields that moved; a config that still sets one is told where it went.
 MOVED_FIELDS = {
@@ -36,7 +35,8 @@ def base_config() -> ml_collections.ConfigDict:
   from lmtrain.model import mixers
   c = ml_collections.ConfigDict()
   c.model = dict(
-      vocab_size=258, num_layers=4, d_model=128, num_heads=2, num_kv_heads=1,
+      # vocab_size 0: the tokenizer's vocabulary padded up to a multiple of 128
+      vocab_size=0, num_layers=4, d_model=128, num_heads=2, num_kv_heads=1,
       head_dim=placeholder(int), mlp_dim=384, tie_embeddings=False, dtype="float32",
       dropout_rate=0.0,
       # kind: the token mixer of every layer (or layer_pattern, kinds repeated over the depth);
@@ -48,8 +48,13 @@ def base_config() -> ml_collections.ConfigDict:
   )
   c.data = dict(
       source="stdlib", path=placeholder(str), eval_path=placeholder(str), text_field="text",
-      tokenizer="byte", seq_len=256, batch_size=16, heldout_percent=5, eval_batches=8,
+      # tokenizer: byte, or a tokenizer.json / SentencePiece .model file (lmtrain/data/tokenizers)
+      tokenizer="byte", seq_len=256, batch_size=16, heldout_percent=5.0, eval_batches=8,
       shuffle_window=1024,
+      # documents are read, tokenized and packed in pieces of this many bytes (bounded memory)
+      piece_bytes=1 << 20,
+      align_documents=0,  # N > 0: every document starts at a multiple of N tokens in its row
+      skip_bad_records=False,  # count and log bad records (a malformed JSON line) and go on
       # MQAR (data.source=mqar and eval mqar): Zoology's generator, lmtrain/data/mqar.py
       mqar_num_pairs=placeholder(str), mqar_vocab_size=256, mqar_power_a=0.01,
       mqar_random_non_queries=True,
@@ -63,6 +68,7 @@ def base_config() -> ml_collections.ConfigDict:
       # the MLP's recompute under remat=full, and of the vocabulary-chunked loss (0 = auto:
       # unchunked when the logits are small)
       remat="none", scan_layers=False, mlp_chunk=2048, loss_chunk=0,
+      profile_steps="",  # "N:M": a jax.profiler trace of steps N+1..M in the workdir
   )
   c.mesh = dict(data=-1, fsdp=1, tensor=1, sequence=1)
   c.eval = dict(
@@ -161,7 +167,8 @@ def validate_model(cfg) -> None:
   dims = ModelDims.from_config(m)
   for kind in dict.fromkeys(kinds):
     mixer = mixers.get(kind)
-    ctx = mixers.Context(kind=kind, dims=dims, seq_len=cfg.data.seq_len, impl=a.impl)
+    ctx = mixers.Context(kind=kind, dims=dims, seq_len=cfg.data.seq_len, impl=a.impl,
+                         dtype=m.dtype)
     mixer.check(mixer.Options.from_config(a.get(kind)), ctx)
 
 
@@ -227,10 +234,34 @@ def finalize(cfg) -> ml_collections.ConfigDict:
   check_fields(cfg)
   resolved = ml_collections.ConfigDict(cfg.to_dict())
   resolve_attention(resolved)
+  resolve_vocab(resolved)
   _validate_resolved(resolved)
   if resolved.model.head_dim is None:
     resolved.model.head_dim = resolved.model.d_model // resolved.model.num_heads
   return resolved
+
+
+def tokenizer_of(cfg):
+  """The tokenizer of data.tokenizer, or ConfigError in one line."""
+  from lmtrain.data.tokenizers import TokenizerError, get_tokenizer
+  try:
+    return get_tokenizer(cfg.data.tokenizer)
+  except TokenizerError as e:
+    _fail(f"data.tokenizer={cfg.data.tokenizer!r}: {e}")
+
+
+def resolve_vocab(cfg) -> None:
+  """In place: model.vocab_size 0 becomes the tokenizer's vocabulary padded up to a multiple of
+  128; a given one must hold every id of the tokenizer."""
+  from lmtrain.data.tokenizers import VOCAB_MULTIPLE, padded_vocab_size
+  tok = tokenizer_of(cfg)
+  v = cfg.model.vocab_size
+  if v == 0:
+    cfg.model.vocab_size = padded_vocab_size(tok.vocab_size)
+  elif isinstance(v, int) and 0 < v < tok.vocab_size:
+    _fail(f"model.vocab_size={v} is smaller than the tokenizer's {tok.vocab_size} ids "
+          f"(data.tokenizer={cfg.data.tokenizer!r}); set model.vocab_size=0 to use the "
+          f"tokenizer's, padded to a multiple of {VOCAB_MULTIPLE}")
 
 
 def validate(cfg) -> ml_collections.ConfigDict:
@@ -243,7 +274,7 @@ def _validate_resolved(cfg) -> None:
   validate_model(cfg)
   d, t = cfg.data, cfg.train
   _one_of(cfg, "data.source", DATA_SOURCES)
-  _one_of(cfg, "data.tokenizer", TOKENIZERS)
+  _validate_data_reading(cfg)
   if d.source in ("stdlib", "mqar"):
     if d.path is not None:
       _fail(f"data.path={d.path!r} is not used by data.source={d.source!r} (no files)")
@@ -271,14 +302,12 @@ def _validate_resolved(cfg) -> None:
   elif d.mqar_num_pairs is not None:
     _fail(f"data.mqar_num_pairs={d.mqar_num_pairs} is only used by data.source='mqar'")
   if d.eval_path is not None:
-    if d.source in ("stdlib", "mqar"):
+    if d.source in ("stdlib", "mqar", "arrayrecord"):
       _fail(f"data.eval_path={d.eval_path!r} is not used by data.source={d.source!r}")
     _check_path_exists("data.eval_path", d.eval_path)
-  if cfg.model.vocab_size < 258 and d.tokenizer == "byte":
-    _fail(f"model.vocab_size={cfg.model.vocab_size} is smaller than the byte tokenizer's 258")
   for f in ("seq_len", "batch_size", "eval_batches", "shuffle_window"):
     _positive(cfg, f"data.{f}")
-  if not 0 < d.heldout_percent < 100:
+  if not isinstance(d.heldout_percent, (int, float)) or not 0 < d.heldout_percent < 100:
     _fail(f"data.heldout_percent={d.heldout_percent!r} must be in (0, 100)")
   for f in ("steps", "lr", "grad_accum", "log_every", "eval_every", "checkpoint_every",
             "keep_checkpoints"):
@@ -287,6 +316,7 @@ def _validate_resolved(cfg) -> None:
     _positive(cfg, f"train.{f}", allow_zero=True)
   if t.warmup_steps > t.steps:
     _fail(f"train.warmup_steps={t.warmup_steps} exceeds train.steps={t.steps}")
+  profile_window(cfg)
   if d.batch_size % t.grad_accum:
     _fail(f"train.grad_accum={t.grad_accum} does not divide data.batch_size={d.batch_size}")
   validate_memory(cfg)
@@ -316,6 +346,43 @@ def validate_memory(cfg) -> None:
     why = stacking_error(cfg.model)
     if why:
       _fail(f"train.scan_layers=True: {why}")
+def _validate_data_reading(cfg) -> None:
+  """The fields of how documents are read: pieces, alignment, prepared shards."""
+  d = cfg.data
+  if not isinstance(d.piece_bytes, int) or d.piece_bytes < 256:
+    _fail(f"data.piece_bytes={d.piece_bytes!r} must be at least 256")
+  a = d.align_documents
+  if not isinstance(a, int) or a < 0 or a > d.seq_len or (a and d.seq_len % a):
+    _fail(f"data.align_documents={a!r} must be 0 (off) or divide data.seq_len={d.seq_len}")
+  if d.source == "arrayrecord" and d.path is not None and os.path.isdir(d.path):
+    from lmtrain.data.errors import DataError
+    from lmtrain.data.shards import read_manifest
+    try:
+      manifest = read_manifest(d.path)
+    except DataError as e:
+      _fail(str(e))
+    made = manifest["tokenizer"]
+    if made["sha256"] != tokenizer_of(cfg).sha256:
+      _fail(f"data.tokenizer={d.tokenizer!r} is not the tokenizer the shards in {d.path!r} were "
+            f"prepared with ({made['spec']!r}, sha256 {made['sha256'][:12]})")
+    pct = manifest["source"]["heldout_percent"]
+    if d.heldout_percent != pct and not manifest["source"].get("eval_path"):
+      _fail(f"data.heldout_percent={d.heldout_percent} differs from the split the shards in "
+            f"{d.path!r} were prepared with ({pct})")
+
+
+def profile_window(cfg) -> tuple[int, int] | None:
+  """train.profile_steps "N:M" as (N, M) with 0 <= N < M <= train.steps; None when unset."""
+  text = str(cfg.train.profile_steps).strip()
+  if not text:
+    return None
+  try:
+    start, stop = (int(x) for x in text.split(":"))
+  except ValueError:
+    _fail(f"train.profile_steps={text!r} is not of the form N:M (e.g. 10:15)")
+  if not 0 <= start < stop <= cfg.train.steps:
+    _fail(f"train.profile_steps={text!r} must have 0 <= N < M <= train.steps={cfg.train.steps}")
+  return start, stop
 
 
 EVAL_NAMES = ("ppl", "niah", "extrapolation", "mqar")

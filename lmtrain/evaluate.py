@@ -13,23 +13,21 @@ import math
 import os
 
 import jax
-from absl import app, flags
-from ml_collections import config_flags
+from absl import flags
 
 import ml_collections
 
 from lmtrain import cli, provenance
 from lmtrain import config as config_lib
 from lmtrain.checkpoint import Checkpointer
+from lmtrain.data import DataError
 from lmtrain.evals.runner import EvalSuite, eval_names
 from lmtrain.metrics import MetricWriter
+from lmtrain.workdir import WorkdirError, check_writable
 from lmtrain.trainer import Trainer
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "The run's config file.",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "The run's directory (checkpoints, logs).")
+_CONFIG, _WORKDIR, _STEP = cli.CONFIG, cli.WORKDIR, cli.STEP
 _EVALS = flags.DEFINE_string("evals", "all", "Comma list of ppl, niah, extrapolation, mqar.")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
 
 
 class ConfigMismatch(ValueError):
@@ -79,6 +77,7 @@ def evaluate(cfg, workdir: str, names, step: int | None = None, *,
     if evals_flag == "all" and cfg.data.source == "mqar":  # all that apply to a synthetic task
       names = [n for n in names if n not in config_lib.TEXT_EVALS]
     config_lib.check_evals(cfg, names, where=f"--evals={evals_flag!r}")
+    check_writable(os.path.join(workdir, "evals"), "the eval directory")
     trainer = Trainer.from_config(cfg)
     try:
       state, _ = ckpt.restore(step, trainer.abstract_state())
@@ -91,12 +90,24 @@ def evaluate(cfg, workdir: str, names, step: int | None = None, *,
   num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
   suite = EvalSuite(cfg, trainer.model, num_params=num_params,
                     checkpoint_config=None if other is None else other["config"])
-  writer = MetricWriter(workdir)
+  # The run's own evals/ and TensorBoard logs hold results of the config it was trained with;
+  # another config's results go beside them, never over them.
+  out = workdir
+  if other is not None:
+    out = os.path.join(workdir, "evals", "other-configs", config_digest(cfg))
+  writer = MetricWriter(out)
   try:
     return suite.run(params, names, step=step, writer=writer,
-                     out_dir=os.path.join(workdir, "evals"))
+                     out_dir=os.path.join(workdir, "evals") if other is None else out)
   finally:
     writer.close()
+
+
+def config_digest(cfg) -> str:
+  import hashlib
+  import json
+  return hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True,
+                                   default=str).encode()).hexdigest()[:12]
 
 
 def main(argv):
@@ -108,6 +119,7 @@ def main(argv):
   if not os.path.isdir(os.path.join(workdir, "checkpoints")):
     cli.fail(f"no checkpoints in {workdir} (train first: python -m lmtrain.train --config ... "
              f"--workdir {workdir})")
+
   if cfg is not None and _EVALS.value != "all":
     try:
       config_lib.check_evals(cfg, names, where=f"--evals={_EVALS.value!r}")
@@ -117,7 +129,8 @@ def main(argv):
     results = evaluate(cfg, workdir, names, _STEP.value,
                        allow_config_mismatch=cli.allow_config_mismatch(),
                        evals_flag=_EVALS.value)
-  except (FileNotFoundError, ConfigMismatch, config_lib.ConfigError) as e:
+  except (FileNotFoundError, ConfigMismatch, config_lib.ConfigError, WorkdirError,
+          DataError) as e:
     cli.fail(str(e))
   for name, result in results.items():
     print(f"lmtrain: {name}: {_headline(name, result)}", flush=True)
@@ -147,4 +160,4 @@ def _headline(name: str, r: dict) -> str:
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=cli.parse_flags_or_exit)
+  cli.run(main)

@@ -20,9 +20,8 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 from flax import nnx
-from ml_collections import config_flags
 
 from lmtrain import cli
 
@@ -203,9 +202,7 @@ def generate(params, cfg, prompt_tokens, **kwargs) -> Generation:
 
 # -- the command --------------------------------------------------------------------------------
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "The run's config file.",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "The run's directory (its checkpoints).")
+_CONFIG, _WORKDIR, _STEP = cli.CONFIG, cli.WORKDIR, cli.STEP
 _PROMPT = flags.DEFINE_string("prompt", None, "Prompt text.")
 _PROMPT_FILE = flags.DEFINE_string("prompt_file", None, "Read the prompt from this file.")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 200, "Tokens to generate.")
@@ -213,7 +210,6 @@ _TEMPERATURE = flags.DEFINE_float("temperature", 0.8, "0 = greedy.")
 _TOP_K = flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens (0 = all).")
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling: keep tokens up to this mass.")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
 _BATCH = flags.DEFINE_integer("batch", 1, "Rows generated in parallel from the prompt.")
 _BENCH = flags.DEFINE_bool("bench", False, "Measure prefill/decode speed and cache bytes per "
                            "attention kind instead (random weights).")
@@ -358,4 +354,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=cli.parse_flags_or_exit)
+  cli.run(main)

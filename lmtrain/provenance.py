@@ -59,17 +59,23 @@ def code_version() -> dict:
   return {"git_commit": commit, "git_dirty": dirty, "source_hash": source_hash()}
 
 
-def run_metadata() -> dict:
-  """The code version, library versions and the machine of this process."""
+def run_metadata(data_cfg=None) -> dict:
+  """The code version, library versions and the machine of this process; with a data config,
+  also the hash of the data it reads (lmtrain.data.fingerprint: a prepared directory's
+  manifest, or the source's files and sizes, and the tokenizer file)."""
   import flax
   import jax
   import optax
   import orbax.checkpoint as ocp
   device = jax.devices()[0]
-  return {**code_version(), "python": platform.python_version(), "jax": jax.__version__,
-          "flax": flax.__version__, "optax": optax.__version__, "orbax": ocp.__version__,
-          "backend": jax.default_backend(), "device_kind": device.device_kind,
-          "device_count": jax.device_count(), "process_count": jax.process_count()}
+  out = {**code_version(), "python": platform.python_version(), "jax": jax.__version__,
+         "flax": flax.__version__, "optax": optax.__version__, "orbax": ocp.__version__,
+         "backend": jax.default_backend(), "device_kind": device.device_kind,
+         "device_count": jax.device_count(), "process_count": jax.process_count()}
+  if data_cfg is not None:
+    from lmtrain.data.fingerprint import data_manifest_hash
+    out["data_manifest_hash"] = data_manifest_hash(data_cfg)
+  return out
 
 
 def same_code(a: dict | None, b: dict | None) -> bool:

@@ -9,28 +9,26 @@ import json
 import math
 import os
 import signal
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
-from ml_collections import config_flags
 
 from lmtrain import cli, distributed, parallel, provenance
-from lmtrain.checkpoint import Checkpointer, DataStateMismatch
-from lmtrain.data import heldout_batches, set_iterator_state, train_dataset
+from lmtrain.checkpoint import (Checkpointer, CheckpointShapeError, CheckpointWriteError,
+                                DataStateMismatch)
+from lmtrain.data import DataError, heldout_batches, set_iterator_state, train_dataset
 from lmtrain.data.pipeline import BATCH_KEYS
 from lmtrain.evals.runner import EvalSuite, eval_names
 from lmtrain.flops import peak_flops, train_flops_per_step
 from lmtrain.memory import memory_line
 from lmtrain.metrics import MetricWriter, Progress, Stopwatch
+from lmtrain.profiling import StepProfiler
 from lmtrain.trainer import Trainer
+from lmtrain.workdir import WorkdirError, WorkdirLock, check_writable
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/tiny.py",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and TensorBoard logs.")
+_CONFIG, _WORKDIR, _STEP = cli.CONFIG, cli.WORKDIR, cli.STEP
 
 
 class NonFiniteLoss(RuntimeError):
@@ -38,6 +36,10 @@ class NonFiniteLoss(RuntimeError):
 
 
 class CheckpointMismatch(RuntimeError):
+  pass
+
+
+class NothingToDo(RuntimeError):
   pass
 
 
@@ -87,9 +89,19 @@ def _to_global(batch, sharding, columns=None):
 
 def train(cfg, workdir: str, *, allow_config_mismatch: bool = False) -> dict:
   """Runs (or resumes) training to cfg.train.steps; returns the final metrics. Resuming from a
-  checkpoint whose model differs from cfg's is refused (CheckpointMismatch) unless allowed."""
-  os.makedirs(workdir, exist_ok=True)
-  record = {"config": cfg.to_dict(), "run": provenance.run_metadata()}
+  checkpoint whose model differs from cfg's is refused (CheckpointMismatch) unless allowed.
+  One trainer per workdir (WorkdirLock; WorkdirError names the holder), and the workdir and its
+  checkpoint directory are checked writable before anything compiles."""
+  check_writable(workdir, "the workdir")
+  check_writable(os.path.join(workdir, "checkpoints"), "the checkpoint directory")
+  if jax.process_index() != 0:  # process 0 holds the lock for the job
+    return _train(cfg, workdir, allow_config_mismatch)
+  with WorkdirLock(workdir, log=_log):
+    return _train(cfg, workdir, allow_config_mismatch)
+
+
+def _train(cfg, workdir: str, allow_config_mismatch: bool) -> dict:
+  record = {"config": cfg.to_dict(), "run": provenance.run_metadata(cfg.data)}
   mesh = parallel.make_mesh(cfg.mesh)
   trainer = Trainer.from_config(cfg)
   shardings = trainer.state_shardings(mesh)
@@ -100,15 +112,17 @@ def train(cfg, workdir: str, *, allow_config_mismatch: bool = False) -> dict:
                       async_save=cfg.train.async_checkpoints)
   data_iter = iter(train_dataset(cfg, process_index=jax.process_index(),
                                  process_count=jax.process_count()))
+  # Every host evaluates the same held-out rows; read before compiling (a split too small for
+  # one batch fails here, DataError).
+  heldout_host = heldout_batches(cfg)
 
   latest = ckpt.latest_step()
-  if latest is None:
-    with jax.set_mesh(mesh):
-      state = jax.jit(trainer.init_state, static_argnums=0,
-                      out_shardings=shardings)(cfg.train.seed)
-    _log(f"starting at step 0 in {workdir}")
-  else:
-    saved = ckpt.saved_config(latest)
+  state = None
+  if latest is not None:
+    try:
+      saved = ckpt.saved_config(latest)
+    except Exception:  # an unreadable step: restore_intact reports it and moves it aside
+      saved = None
     if saved is not None:
       diffs = provenance.differences(saved["config"], record["config"])
       if diffs and not allow_config_mismatch:
@@ -117,17 +131,30 @@ def train(cfg, workdir: str, *, allow_config_mismatch: bool = False) -> dict:
             f"{provenance.describe(diffs, 'checkpoint', 'this config')} (pass "
             "--allow_config_mismatch to resume anyway)")
     try:
-      state, data_state = ckpt.restore(latest, abstract_state, shardings)
-    except (ValueError, KeyError) as e:
+      restored, state, data_state = ckpt.restore_intact(abstract_state, shardings, log=_log)
+    except CheckpointShapeError as e:
       raise CheckpointMismatch(
           f"the checkpoint at step {latest} in {ckpt.directory} does not fit this config "
           f"(did the model or optimizer change?): {str(e).splitlines()[0]}") from e
-    if isinstance(data_state, DataStateMismatch):
-      raise CheckpointMismatch(f"cannot resume training from step {latest}: "
+    if restored is None:
+      _log(f"no intact checkpoint is left in {ckpt.directory}: starting at step 0")
+    elif isinstance(data_state, DataStateMismatch):
+      raise CheckpointMismatch(f"cannot resume training from step {restored}: "
                                f"{data_state.message()}")
-    set_iterator_state(data_iter, data_state)
-    _log(f"resumed from checkpoint step {latest} in {workdir}")
+    else:
+      set_iterator_state(data_iter, data_state)
+      ckpt.last_verified = restored
+      _log(f"resumed from checkpoint step {restored} in {workdir}")
+  if state is None:
+    with jax.set_mesh(mesh):
+      state = jax.jit(trainer.init_state, static_argnums=0,
+                      out_shardings=shardings)(cfg.train.seed)
+    _log(f"starting at step 0 in {workdir}")
   start = int(jax.device_get(state["step"]))
+  if start >= cfg.train.steps:
+    ckpt.close()
+    raise NothingToDo(f"the checkpoint in {ckpt.directory} is at step {start}, and train.steps="
+                      f"{cfg.train.steps}: nothing to train (raise train.steps to continue)")
 
   batch_spec = {k: jax.ShapeDtypeStruct((cfg.data.batch_size, cfg.data.seq_len), jnp.int32,
                                         sharding=batch_sharding)
@@ -144,9 +171,8 @@ def train(cfg, workdir: str, *, allow_config_mismatch: bool = False) -> dict:
     eval_fn = jax.jit(trainer.eval_step, in_shardings=(shardings["params"], batch_sharding),
                       out_shardings=rep).lower(
                           abstract_with(abstract_state, shardings)["params"], batch_spec).compile()
-  # Every host evaluates the same held-out rows; each contributes its slice of the global batch.
-  heldout = [_to_global(_host_slice(b), batch_sharding, columns)
-             for b in heldout_batches(cfg)]
+  # Each host contributes its slice of the global batch.
+  heldout = [_to_global(_host_slice(b), batch_sharding, columns) for b in heldout_host]
 
   eval_suite = None
   if cfg.eval.evals:  # the eval jobs, periodically (on every process: they run the model)
@@ -166,9 +192,15 @@ def train(cfg, workdir: str, *, allow_config_mismatch: bool = False) -> dict:
   flops_per_step = train_flops_per_step(cfg.model, cfg.data.batch_size, cfg.data.seq_len)
   peak = peak_flops(jax.devices()[0].device_kind, cfg.model.dtype)
   pending: list[tuple[int, dict]] = []  # metrics still on device, fetched at log points
-  last_good = latest
+
+  def last_good() -> str:
+    """The newest checkpoint whose files are verified (for the messages that stop a run)."""
+    if ckpt.last_verified is None:
+      return f"there is no checkpoint in {ckpt.directory} yet"
+    return f"the last good checkpoint is step {ckpt.last_verified} in {ckpt.directory}"
   watch = Stopwatch()
   final = {}
+  profiler = StepProfiler.from_config(cfg, workdir)  # None unless train.profile_steps is set
 
   def flush(step: int) -> None:
     """Fetches pending metrics, checks them, writes them; one host sync per log interval."""
@@ -181,8 +213,7 @@ def train(cfg, workdir: str, *, allow_config_mismatch: bool = False) -> dict:
       bad = [f"{name} is {m[key]}" for key, name in (("loss", "loss"), ("grad_norm", "grad norm"))
              if not np.isfinite(m[key])]
       if bad:
-        raise NonFiniteLoss(f"{' and '.join(bad)} at step {s}; stopping. The last good "
-                            f"checkpoint is step {last_good} in {ckpt.directory}")
+        raise NonFiniteLoss(f"{' and '.join(bad)} at step {s}; stopping: {last_good()}")
       writer.scalars(s, {"train/loss": m["loss"], "train/lr": m["lr"],
                          "train/grad_norm": m["grad_norm"]})
     step_time = elapsed / len(pending)
@@ -202,8 +233,13 @@ def train(cfg, workdir: str, *, allow_config_mismatch: bool = False) -> dict:
       step = start
       while step < cfg.train.steps:
         batch = _to_global(next(data_iter), batch_sharding, columns)
+        if profiler is not None:
+          profiler.before(step)
         state, metrics = compiled(state, batch)
+        ckpt.check_saved()  # a background save that failed stops the run here, in one line
         step += 1
+        if profiler is not None:
+          profiler.after(step, state)
         pending.append((step, metrics))
         last = step == cfg.train.steps
         stopping = stop.requested  # read once: a signal may arrive at any point below
@@ -212,10 +248,9 @@ def train(cfg, workdir: str, *, allow_config_mismatch: bool = False) -> dict:
           flush(step)
         if save:
           if not bool(all_finite(state["params"])):  # never checkpoint a diverged state
-            raise NonFiniteLoss(f"parameters are not finite after step {step}; stopping. The "
-                                f"last good checkpoint is step {last_good} in {ckpt.directory}")
+            raise NonFiniteLoss(f"parameters are not finite after step {step}; stopping: "
+                                f"{last_good()}")
           ckpt.save(step, state, data_iter.get_state(), record)
-          last_good = step
         if last or step % cfg.train.eval_every == 0:  # after the save: an eval loses nothing
           sums = [eval_fn(state["params"], b) for b in heldout]
           loss_sum, count = jax.device_get(jnp.sum(jnp.asarray(sums), axis=0))
@@ -235,6 +270,8 @@ def train(cfg, workdir: str, *, allow_config_mismatch: bool = False) -> dict:
           progress.message(f"lmtrain: {stopping}: saved a checkpoint at step {step}; exiting")
           break
   finally:
+    if profiler is not None:
+      profiler.close()
     writer.close()
     ckpt.close()
   return final
@@ -251,18 +288,23 @@ def main(argv):
   except ValueError as e:
     cli.fail(str(e))
   cfg, workdir = cli.start(argv, _CONFIG, _WORKDIR)
+  if _STEP.value is not None:
+    cli.fail("--step is for evaluate and generate; training resumes from the latest checkpoint")
   try:
     parallel.check_config_fits_mesh(cfg, parallel.mesh_shape(cfg.mesh, jax.device_count()))
   except parallel.MeshError as e:
     cli.fail(str(e))
   try:
     final = train(cfg, workdir, allow_config_mismatch=cli.allow_config_mismatch())
-  except NonFiniteLoss as e:
+  except (NonFiniteLoss, CheckpointWriteError) as e:  # the run failed: exit 1
     cli.fail(str(e), code=1)
-  except CheckpointMismatch as e:
+  except (CheckpointMismatch, WorkdirError, DataError) as e:  # the user asked for the impossible
     cli.fail(str(e))
+  except NothingToDo as e:
+    _log(str(e))
+    return
   _log("done: " + json.dumps(final))
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=cli.parse_flags_or_exit)
+  cli.run(main)

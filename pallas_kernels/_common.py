@@ -99,6 +99,49 @@ def segment_starts(segment_ids_BT):
   return jax.lax.cummax(jnp.where(segment_start_mask(segment_ids_BT), idx, 0), axis=1)
 
 
+@jax.jit  # one compiled scan, also when called eagerly (tests): not dozens of small ops
+def gate_cumsum(log_gates_BTH, segment_ids=None):
+  """c [B, T, H]: the running sum of the log forget gates over time, restarting at each
+  segment's first token, in fp32 (fp64 for fp64 gates). The FoX bias of query i and key j <= i
+  of one segment is c_i - c_j = sum_{l=j+1..i} log_gates_l. A scan that resets (not differences
+  of one global sum), so a packed batch's later documents keep fp32's precision; autodiff of it
+  gives the gates' gradient as reverse running sums within each segment."""
+  x = log_gates_BTH.astype(jnp.promote_types(log_gates_BTH.dtype, jnp.float32))
+  if segment_ids is None:
+    return jnp.cumsum(x, axis=1)
+  reset = jnp.broadcast_to(segment_start_mask(segment_ids)[..., None], x.shape)
+
+  def combine(a, b):  # (sum since the last reset, whether a reset was seen)
+    return jnp.where(b[1], b[0], a[0] + b[0]), a[1] | b[1]
+
+  return jax.lax.associative_scan(combine, (x, reset), axis=1)[0]
+
+
+def alibi_log_gates(alibi_slopes, batch: int, length: int):
+  """ALiBi as FoX's constant gates: log_gates [B, T, Hq] = -slope of each query head, so that
+  c_i - c_j = -slope * (i - j)."""
+  return jnp.broadcast_to(-alibi_slopes, (batch, length, alibi_slopes.shape[0]))
+
+
+def check_gates(log_gates, alibi_slopes, q, k, *, causal: bool, name: str) -> None:
+  """One-line ValueErrors for log_gates [B, T, Hq] (causal self-attention only) and
+  alibi_slopes [Hq]."""
+  hq = q.shape[2]
+  if alibi_slopes is not None and alibi_slopes.shape != (hq,):
+    raise ValueError(f"{name}: alibi_slopes{alibi_slopes.shape} must be [Hq] = ({hq},)")
+  if log_gates is None:
+    return
+  want = q.shape[:2] + (hq,)
+  if log_gates.shape != want:
+    raise ValueError(f"{name}: log_gates{log_gates.shape} must be [B, T, Hq] = {want}")
+  if not jnp.issubdtype(log_gates.dtype, jnp.floating):
+    raise ValueError(f"{name}: log_gates must be floating point; got {log_gates.dtype}")
+  if not causal:
+    raise ValueError(f"{name}: log_gates need causal=True (the forget-gate bias is causal)")
+  if q.shape[1] != k.shape[1]:
+    raise ValueError(f"{name}: log_gates need T == S; got T={q.shape[1]} S={k.shape[1]}")
+
+
 class StaticConfig:
   """Base of the kernels' static configs (the nondiff argument of their custom_vjp): equal and
   hashed by `self.key`, which subclasses set (interpret params enter by identity)."""

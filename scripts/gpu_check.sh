@@ -56,8 +56,8 @@ for p in ${*:-tests blockwise linear sparse mfu}; do
     # fla (the peer) autotunes for minutes on first use: two lengths, its rows after ours.
     linear) bench linear 80 --lengths 8192,32768 ;;
     sparse) bench sparse 80 --lengths 8192,32768,65536 ;;
-    # MFU of configs/gpt125m.py with cuDNN attention (auto), then with our Pallas kernel.
-    mfu) part mfu 110 bash -c 'for impl in auto pallas; do rm -rf /tmp/gpt125m
+    # MFU of configs/gpt125m.py with cuDNN attention, then with our Pallas kernel.
+    mfu) part mfu 110 bash -c 'for impl in cudnn pallas; do rm -rf /tmp/gpt125m
            echo "### model.attention.impl=$impl"
            timeout 55 python3 -m lmtrain.train --config configs/gpt125m.py \
              --workdir /tmp/gpt125m --config.model.attention.impl=$impl \

@@ -8,8 +8,11 @@ import math
 import numpy as np
 
 
-def softmax_attention(q, k, v, allowed, *, scale=None, alibi=None, causal=True):
-  """allowed(b, h, t, s) -> bool. q [B, T, Hq, D], k/v [B, S, Hkv, D]."""
+def softmax_attention(q, k, v, allowed, *, scale=None, alibi=None, causal=True, softcap=None,
+                      sinks=None):
+  """allowed(b, h, t, s) -> bool. q [B, T, Hq, D], k/v [B, S, Hkv, D]. softcap: logits become
+  softcap * tanh(logit / softcap) before the ALiBi bias; sinks [Hq]: exp(sink) joins every
+  row's denominator."""
   q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
   b_, t_, hq, d = q.shape
   s_, hkv = k.shape[1], k.shape[2]
@@ -23,10 +26,13 @@ def softmax_attention(q, k, v, allowed, *, scale=None, alibi=None, causal=True):
         if not keys:
           continue
         logits = np.array([q[b, t, h] @ k[b, s, kh] * scale for s in keys])
+        if softcap:
+          logits = softcap * np.tanh(logits / softcap)
         if alibi is not None:
           logits -= np.array([alibi[h] * (abs(t - s)) for s in keys])
-        p = np.exp(logits - logits.max())
-        p /= p.sum()
+        top = logits.max() if sinks is None else max(logits.max(), sinks[h])
+        p = np.exp(logits - top)
+        p /= p.sum() + (0.0 if sinks is None else math.exp(sinks[h] - top))
         out[b, t, h] = sum(pi * v[b, s, kh] for pi, s in zip(p, keys))
   return out
 
@@ -166,7 +172,8 @@ def softmax_family_layer(kind, p, x, seg, positions, options, layer=None):
     return True
 
   alibi = alibi_slopes(q.shape[2]) if options.position == "alibi" else None
-  o = softmax_attention(q, k, v, allowed, alibi=alibi)
+  o = softmax_attention(q, k, v, allowed, alibi=alibi, softcap=options.softcap,
+                        sinks=p["sink_logits"] if options.sinks else None)
   if options.output_gate:
     o = o * sigmoid(project(x, p["g_proj"]["kernel"]))
   return unproject(o, p["o_proj"]["kernel"])
@@ -284,7 +291,8 @@ def selective_layer(kind, p, x, seg, positions, options, layer=None):
   for b in range(b_):
     start = [min(s for s in range(t_) if seg[b, s] == seg[b, t]) for t in range(t_)]
     seen = lambda i, j: j <= i and seg[b, i] == seg[b, j]
-    logit = lambda h, i, j: (q[b, i, h] @ k[b, j, h // (hq // hkv)] / math.sqrt(d)
+    capped = lambda x: options.softcap * math.tanh(x / options.softcap) if options.softcap else x
+    logit = lambda h, i, j: (capped(q[b, i, h] @ k[b, j, h // (hq // hkv)] / math.sqrt(d))
                              - slopes[h] * (i - j))
     sel = np.zeros((t_, t_))
     for i in range(t_):
@@ -295,8 +303,10 @@ def selective_layer(kind, p, x, seg, positions, options, layer=None):
       for i in range(t_):
         keys = [j for j in range(t_) if seen(i, j)]
         z = np.array([logit(h, i, j) - sum(sel[kk, j] for kk in range(i)) for j in keys])
-        w = np.exp(z - z.max())
-        w /= w.sum()
+        sink = p["sink_logits"][h] if options.sinks else -np.inf
+        top = max(z.max(), sink)
+        w = np.exp(z - top)
+        w /= w.sum() + math.exp(sink - top)
         out[b, i, h] = sum(wi * v[b, j, h // (hq // hkv)] for wi, j in zip(w, keys))
   if options.output_gate:
     out = out * sigmoid(project(x, p["g_proj"]["kernel"]))
@@ -377,3 +387,57 @@ def delta_layer(kind, p, x, seg, positions, options, layer=None):
 
 
 LAYERS.update({"deltanet": delta_layer, "gated_deltanet": delta_layer})
+
+
+def fox_attention(q, k, v, log_gates, *, segment_ids=None, scale=None, softcap=None, sinks=None):
+  """Causal softmax attention with the Forgetting Transformer's forget-gate bias (Lin et al.,
+  2025), by loops in float64. log_gates [B, T, Hq] (log f_t). Per segment, c is the running sum
+  of log_gates from the segment's first token; query t and key s <= t of the same segment get
+  logit q.k * scale + c[t] - c[s] (= sum of log f over s+1..t). q [B, T, Hq, D], k/v
+  [B, T, Hkv, D]; segment_ids [B, T] or None."""
+  q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+  g = np.asarray(log_gates, np.float64)
+  b_, t_, hq, d = q.shape
+  hkv = k.shape[2]
+  scale = d ** -0.5 if scale is None else scale
+  seg = np.zeros((b_, t_), np.int64) if segment_ids is None else np.asarray(segment_ids)
+  out = np.zeros((b_, t_, hq, v.shape[-1]))
+  for b in range(b_):
+    for h in range(hq):
+      c = np.zeros(t_)
+      for t in range(t_):
+        restart = t == 0 or seg[b, t] != seg[b, t - 1]
+        c[t] = g[b, t, h] + (0.0 if restart else c[t - 1])
+      kh = h // (hq // hkv)
+      for t in range(t_):
+        keys = [s for s in range(t + 1) if seg[b, s] == seg[b, t]]
+        raw = np.array([q[b, t, h] @ k[b, s, kh] * scale for s in keys])
+        if softcap:
+          raw = softcap * np.tanh(raw / softcap)
+        logits = raw + np.array([c[t] - c[s] for s in keys])
+        top = logits.max() if sinks is None else max(logits.max(), sinks[h])
+        p = np.exp(logits - top)
+        p /= p.sum() + (0.0 if sinks is None else math.exp(sinks[h] - top))
+        out[b, t, h] = sum(pi * v[b, s, kh] for pi, s in zip(p, keys))
+  return out
+
+
+def fox_layer(kind, p, x, seg, positions, options, layer=None):
+  """FoX: projections (QK-norm, RoPE when on), forget gates log f = log sigmoid(x w + b) per
+  head, fox_attention, output gate, output projection."""
+  q, k, v = (project(x, p[n]["kernel"]) for n in ("q_proj", "k_proj", "v_proj"))
+  if options.qk_norm:
+    q = head_rms_norm(q, p["q_norm"]["scale"], eps=1e-6)
+    k = head_rms_norm(k, p["k_norm"]["scale"], eps=1e-6)
+  if options.position == "rope":
+    q = np.stack([rope(q[b], positions[b], options.rope_theta) for b in range(len(q))])
+    k = np.stack([rope(k[b], positions[b], options.rope_theta) for b in range(len(k))])
+  log_f = log_sigmoid(project(x, p["f_proj"]["kernel"]) + p["f_proj"]["bias"])
+  o = fox_attention(q, k, v, log_f, segment_ids=seg, softcap=options.softcap,
+                    sinks=p["sink_logits"] if options.sinks else None)
+  if options.output_gate:
+    o = o * sigmoid(project(x, p["g_proj"]["kernel"]))
+  return unproject(o, p["o_proj"]["kernel"])
+
+
+LAYERS["fox"] = fox_layer

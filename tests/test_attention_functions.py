@@ -1,5 +1,7 @@
 """pallas_kernels' jnp paths: against independent float64 references, against each other, and
 their gradients against finite differences."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -68,20 +70,27 @@ def test_blockwise_cross_attention_lengths():
 @pytest.mark.parametrize("causal", [True, False])
 def test_blockwise_reference_query_tiles_equal_the_naive_float64(causal):
   """Query tiles of 4 (29 queries: the last tile padded) over key blocks of 8, with GQA,
-  packed segments and ALiBi, and a cross-attention length: the float64 naive result, and the
-  same gradients as one tile of every query."""
+  packed segments and ALiBi, and a cross-attention length: the float64 naive result; with FoX
+  gates, a soft-cap and sinks too, the same values and gradients (gates and sinks included) as
+  one tile of every query."""
   q, k, v = qkv(hq=4, hkv=2, t=29)
   seg = packed_segments(2, 29)
   slopes = jnp.asarray([0.5, 0.25, 0.125, 0.0625])
   allowed = lambda b, h, t, s: seg[b, t] == seg[b, s]
   want = naive.softmax_attention(q, k, v, allowed, causal=causal, alibi=np.asarray(slopes))
-  tiled = lambda q, k, v, bq: blockwise_reference(q, k, v, causal=causal, segment_ids=seg,
-                                                  alibi_slopes=slopes, block_q=bq, block_k=8)
-  np.testing.assert_allclose(tiled(q, k, v, 4), want, atol=1e-12)
-  r = jnp.asarray(np.random.default_rng(3).normal(size=q.shape))
-  grads = [jax.grad(lambda *a: jnp.sum(tiled(*a, bq) * r), argnums=(0, 1, 2))(q, k, v)
-           for bq in (4, 29)]
-  for a, b in zip(*grads):
+  got = blockwise_reference(q, k, v, causal=causal, segment_ids=seg, alibi_slopes=slopes,
+                            block_q=4, block_k=8)
+  np.testing.assert_allclose(got, want, atol=1e-12)
+  rng = np.random.default_rng(3)
+  gates = jnp.asarray(-np.log1p(np.exp(rng.normal(size=(2, 29, 4)))))  # -softplus: <= 0
+  sinks = jnp.asarray(rng.normal(size=4))
+  r = jnp.asarray(rng.normal(size=q.shape))
+  tiled = lambda bq, *a: blockwise_reference(*a[:3], causal=causal, segment_ids=seg,
+                                             log_gates=a[3], sinks=a[4], softcap=2.0,
+                                             block_q=bq, block_k=8)
+  outs = [jax.value_and_grad(lambda *a: jnp.sum(tiled(bq, *a) * r), argnums=(0, 1, 2, 3, 4))(
+      q, k, v, gates, sinks) for bq in (4, 29)]
+  for a, b in zip(jax.tree.leaves(outs[0]), jax.tree.leaves(outs[1])):
     np.testing.assert_allclose(a, b, atol=1e-12)
   q9, k21, v21 = qkv(t=9, s=21)
   want = naive.softmax_attention(q9, k21, v21, lambda *a: True, causal=False)
@@ -100,6 +109,247 @@ def test_blockwise_reference_query_tiles_equal_the_naive_float64(causal):
 def test_blockwise_gradients_match_finite_differences(fn):
   q, k, v = qkv(b=1, t=11, hq=2, hkv=1, d=4)
   check_grads(fn, (q, k, v), order=1, modes=["rev"], atol=1e-6, rtol=1e-6)
+
+
+# ---- softmax: the Forgetting Transformer's gate bias (and ALiBi as constant gates) ------------
+
+def fox_gates(b, t, hq, seed=2, low=0.0, high=1.0, dtype=np.float64):
+  """log forget gates in [-high, -low] (f in [e^-high, e^-low])."""
+  r = np.random.default_rng(seed)
+  return jnp.asarray(-r.uniform(low, high, size=(b, t, hq)).astype(dtype))
+
+
+@functools.partial(jax.jit, static_argnames=("impl", "block_k", "causal"))
+def attend(q, k, v, g=None, seg=None, slopes=None, *, impl, block_k=8, causal=True):
+  """blockwise_attention, jitted (one compile per shape, not op by op), with the reference's
+  blocks small so that several of them and a ragged last one are crossed."""
+  kw = dict(log_gates=g, segment_ids=seg, alibi_slopes=slopes, causal=causal)
+  if impl == "reference":
+    return blockwise_reference(q, k, v, block_k=block_k, **kw)
+  return blockwise_attention(q, k, v, impl=impl, **kw)
+
+
+def fox(impl, block_k=8):
+  """(q, k, v, log_gates, segment_ids=None) -> out of one blockwise impl."""
+  return lambda q, k, v, g, seg=None: attend(q, k, v, g, seg, impl=impl, block_k=block_k)
+
+
+@pytest.mark.parametrize("impl", ["reference", "xla", "auto"])
+@pytest.mark.parametrize("hq,hkv,segments", [(4, 2, True), (2, 2, False), (4, 1, True)])
+def test_fox_matches_naive_float64(impl, hq, hkv, segments):
+  q, k, v = qkv(t=21, hq=hq, hkv=hkv)
+  seg = packed_segments(2, 21, seed=5) if segments else None
+  g = fox_gates(2, 21, hq)
+  want = naive.fox_attention(q, k, v, g, segment_ids=seg)
+  np.testing.assert_allclose(fox(impl)(q, k, v, g, seg), want, atol=1e-12)
+
+
+@pytest.mark.parametrize("impl", ["reference", "xla"])
+def test_fox_gradients_match_finite_differences(impl):
+  """All four gradients, the gates' included, with packed documents (the running sums restart
+  at each document, so the gates' gradient is reverse running sums within each)."""
+  q, k, v = qkv(b=1, t=11, hq=2, hkv=1, d=4)
+  seg = jnp.asarray([[1] * 4 + [2] * 7], jnp.int32)
+  g = fox_gates(1, 11, 2)
+  check_grads(lambda q, k, v, g: fox(impl, block_k=4)(q, k, v, g, seg), (q, k, v, g), order=1,
+              modes=["rev"], atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("impl", ["reference", "xla"])
+def test_fox_gradients_match_the_naive_oracle(impl):
+  """The gradient of sum(out * cot) along random directions of q, k, v and the gates against
+  central differences of the float64 loop oracle (independent of pallas_kernels)."""
+  q, k, v = qkv(b=1, t=9, hq=2, hkv=1, d=4, seed=3)
+  seg = jnp.asarray([[1] * 5 + [2] * 4], jnp.int32)
+  g = fox_gates(1, 9, 2)
+  r = np.random.default_rng(7)
+  cot = r.normal(size=q.shape)
+  loss = lambda *x: jnp.sum(fox(impl, block_k=4)(*x, seg) * cot)
+  grads = jax.grad(loss, argnums=(0, 1, 2, 3))(q, k, v, g)
+  oracle = lambda *x: float(np.sum(naive.fox_attention(*x, segment_ids=seg) * cot))
+  eps = 1e-6
+  for i, x in enumerate((q, k, v, g)):
+    u = r.normal(size=x.shape)
+    shifted = lambda sign: [y + sign * eps * u if j == i else y
+                            for j, y in enumerate((q, k, v, g))]
+    numeric = (oracle(*shifted(1)) - oracle(*shifted(-1))) / (2 * eps)
+    np.testing.assert_allclose(float(jnp.sum(grads[i] * u)), numeric, rtol=1e-7, atol=1e-8,
+                               err_msg=f"argument {i}")
+
+
+@pytest.mark.parametrize("impl", ["reference", "xla"])
+def test_fox_constant_gates_are_alibi_and_unit_gates_are_causal_softmax(impl):
+  q, k, v = qkv(t=23)
+  seg = packed_segments(2, 23, seed=1)
+  slopes = jnp.asarray([0.5, 0.25, 1 / 16, 1 / 256])
+  constant = jnp.broadcast_to(-slopes, (2, 23, 4))
+  alibi = attend(q, k, v, None, seg, slopes, impl=impl)
+  np.testing.assert_allclose(fox(impl)(q, k, v, constant, seg), alibi, atol=1e-12)
+  seg_np = np.asarray(seg)  # (indexing numpy, not a jax array, in the loops)
+  allowed = lambda b, h, t, s: seg_np[b, t] == seg_np[b, s]
+  np.testing.assert_allclose(alibi, naive.softmax_attention(q, k, v, allowed,
+                                                            alibi=np.asarray(slopes)),
+                             atol=1e-12)
+  plain = attend(q, k, v, None, seg, impl=impl)
+  np.testing.assert_allclose(fox(impl)(q, k, v, jnp.zeros((2, 23, 4)), seg), plain, atol=1e-12)
+  # the slopes' gradient is the constant gates' (-sum over tokens)
+  d_slopes = jax.grad(lambda s: jnp.sum(attend(q, k, v, None, seg, s, impl=impl) ** 2))(slopes)
+  d_gates = jax.grad(lambda g: jnp.sum(fox(impl)(q, k, v, g, seg) ** 2))(constant)
+  np.testing.assert_allclose(d_slopes, -d_gates.sum(axis=(0, 1)), atol=1e-10)
+
+
+@pytest.mark.parametrize("impl", ["reference", "xla"])
+def test_fox_packed_documents_do_not_see_each_other(impl):
+  """The bias restarts at each document: a document's outputs do not depend on another's
+  tokens or gates, and its loss gives another's gates no gradient."""
+  q, k, v = qkv(b=1, t=30, seed=4)
+  g = fox_gates(1, 30, 4, seed=4)
+  seg = jnp.asarray([[1] * 12 + [2] * 18], jnp.int32)
+  out = fox(impl)(q, k, v, g, seg)
+  r = np.random.default_rng(9)
+  other = lambda x: x.at[:, :12].set(jnp.asarray(r.normal(size=x[:, :12].shape)))
+  out2 = fox(impl)(other(q), other(k), other(v), -jnp.abs(other(g)), seg)
+  np.testing.assert_allclose(out2[:, 12:], out[:, 12:], atol=1e-12)
+  d_g = jax.grad(lambda g: jnp.sum(fox(impl)(q, k, v, g, seg)[:, 12:] ** 2))(g)
+  assert np.all(d_g[:, :12] == 0) and np.any(d_g[:, 12:] != 0)
+  # ... and one document alone gives the same outputs
+  alone = fox(impl)(q[:, 12:], k[:, 12:], v[:, 12:], g[:, 12:])
+  np.testing.assert_allclose(alone, out[:, 12:], atol=1e-12)
+
+
+@pytest.mark.parametrize("impl", ["reference", "xla"])
+def test_alibi_without_causality_or_with_cross_lengths(impl):
+  """ALiBi outside causal self-attention (-slope * |t - s|) still runs on the jnp paths."""
+  slopes = jnp.asarray([0.5, 0.25, 0.125, 0.0625])
+  q, k, v = qkv(t=19)
+  want = naive.softmax_attention(q, k, v, lambda *a: True, alibi=np.asarray(slopes),
+                                 causal=False)
+  got = attend(q, k, v, slopes=slopes, impl=impl, causal=False)
+  np.testing.assert_allclose(got, want, atol=1e-12)
+  q, k, v = qkv(t=9, s=21)
+  want = naive.softmax_attention(q, k, v, lambda *a: True, alibi=np.asarray(slopes),
+                                 causal=False)
+  got = attend(q, k, v, slopes=slopes, impl=impl, causal=False)
+  np.testing.assert_allclose(got, want, atol=1e-12)
+  fn = lambda q, k, v, s: attend(q, k, v, slopes=s, impl=impl, block_k=4, causal=False)
+  check_grads(fn, qkv(b=1, t=7, hq=2, hkv=1, d=4) + (slopes[:2],), order=1, modes=["rev"],
+              atol=1e-6, rtol=1e-6)
+
+
+def test_fox_bad_arguments_fail_in_one_line():
+  q, k, v = qkv(t=10)
+  g = jnp.zeros((2, 10, 4))
+  cases = [
+      (dict(log_gates=jnp.zeros((2, 10, 3))), r"log_gates\(2, 10, 3\) must be \[B, T, Hq\]"),
+      (dict(log_gates=g, causal=False), "log_gates need causal=True"),
+      (dict(log_gates=g.astype(jnp.int32)), "log_gates must be floating point"),
+      (dict(alibi_slopes=jnp.zeros((3,))), r"alibi_slopes\(3,\) must be \[Hq\]"),
+      (dict(log_gates=g, impl="cudnn"), "impl='cudnn' does not take log_gates"),
+      (dict(alibi_slopes=jnp.ones((4,)), impl="cudnn"), "impl='cudnn' does not take alibi_slopes"),
+  ]
+  for kwargs, match in cases:
+    with pytest.raises(ValueError, match=match):
+      blockwise_attention(q, k, v, **kwargs)
+  q2, k2, v2 = qkv(t=10, s=12)
+  with pytest.raises(ValueError, match="log_gates need T == S"):
+    blockwise_attention(q2, k2, v2, log_gates=g)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "gpu", "tpu"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+@pytest.mark.parametrize("gated,segments", [(False, False), (True, False), (False, True),
+                                            (True, True)])
+def test_auto_lands_on_an_impl_that_takes_the_call(monkeypatch, backend, dtype, head_dim,
+                                                   gated, segments):
+  """auto, per backend (faked), for fp32 and bf16, ALiBi / forget gates, head dims 64-256 and
+  packed segments: an implementation that takes the call, never cuDNN with a dense segment
+  mask, never the dense jnp path."""
+  from pallas_kernels import capabilities
+  from pallas_kernels.blockwise import api
+  monkeypatch.setattr(api._common, "backend", lambda: backend)
+  impl = api.resolve_impl("auto", log_gates=gated, dtype=dtype, head_dim=head_dim,
+                          segments=segments)
+  assert capabilities.blockwise(impl, backend=backend, dtype=dtype, head_dim=head_dim,
+                                gated=gated, segments=segments) is None, impl
+  assert impl != "xla"
+  if impl == "cudnn":
+    assert not segments and not gated and dtype == "bfloat16"
+  want = {"cpu": "reference", "tpu": "pallas",
+          "gpu": "cudnn" if dtype == "bfloat16" and not gated and not segments else "reference"}
+  assert impl == want[backend]
+
+
+def test_auto_avoids_kernels_that_refuse_alibi(monkeypatch):
+  from pallas_kernels.blockwise import api
+  from pallas_kernels.sparse import api as sparse_api
+  monkeypatch.setattr(api._common, "backend", lambda: "tpu")
+  assert api.resolve_impl("auto", alibi=True) == "reference"  # not causal self-attention
+  assert sparse_api.resolve_impl("auto") == "pallas"
+  assert sparse_api.resolve_impl("auto", jnp_only=True) == "xla"
+  assert sparse_api.resolve_impl("auto", dtype="float32", head_dim=64, pattern="moba",
+                                 block_size=64, alibi=True) == "xla"
+
+
+# Long sequences under strong decay: whole key blocks whose weights underflow in fp32 (once
+# slope * distance > ~88) must add exact zeros, not NaN (the reference's online softmax was NaN
+# from T=512 at slope 1/2 and T=2048 at slope 1/16). fp32 inputs, one head per slope (the dense
+# oracle at T=16384 holds 1 GiB of logits per head), against the dense path.
+LONG = [(1024, (0.5, 1 / 16, 1 / 256)), (4096, (0.5, 1 / 64, 1 / 256)), (16384, (0.5,)),
+        (16384, (1 / 256,))]
+
+
+def long_inputs(t, slopes, seed=0):
+  r = np.random.default_rng(seed)
+  mk = lambda *shape: jnp.asarray(r.normal(size=shape).astype(np.float32))
+  return (mk(1, t, len(slopes), 8), mk(1, t, 1, 8), mk(1, t, 1, 8),
+          jnp.asarray(slopes, jnp.float32))
+
+
+def assert_finite_and_close(fn, oracle, args, argnums, tol):
+  cot = jnp.asarray(np.random.default_rng(1).normal(size=args[0].shape).astype(np.float32))
+  value = lambda f: jax.jit(jax.value_and_grad(lambda *a: jnp.sum(f(*a) * cot), argnums))(*args)
+  (got, g_got), (want, g_want) = value(fn), value(oracle)
+  for name, a, b in zip(("loss", "dq", "dk", "dv", "d4"), (got, *g_got), (want, *g_want)):
+    assert np.all(np.isfinite(a)), name
+    np.testing.assert_allclose(a, b, atol=tol * max(float(jnp.max(jnp.abs(b))), 1.0),
+                               err_msg=name)
+
+
+@pytest.mark.parametrize("t,slopes", LONG, ids=[f"T{t}-slopes" + ",".join(
+    f"1/{round(1 / x)}" for x in s) for t, s in LONG])
+def test_blockwise_stays_finite_under_strong_decay_at_long_lengths(t, slopes):
+  q, k, v, s = long_inputs(t, slopes)
+  gates = jnp.broadcast_to(-s, (1, t, len(slopes)))
+  ref = lambda q, k, v, g: blockwise_attention(q, k, v, log_gates=g, impl="reference")
+  dense = lambda q, k, v, g: blockwise_attention(q, k, v, log_gates=g, impl="xla")
+  assert_finite_and_close(ref, dense, (q, k, v, gates), (0, 1, 2, 3), 2e-4)
+  alibi = jax.jit(lambda q, k, v, s: blockwise_attention(q, k, v, alibi_slopes=s,
+                                                         impl="reference"))
+  assert np.all(np.isfinite(alibi(q, k, v, s)))
+
+
+@pytest.mark.parametrize("t,slopes,impl", [
+    (1024, (0.5, 1 / 256), "reference"), (1024, (0.5, 1 / 256), "xla"),
+    (4096, (1 / 16, 1 / 256), "reference"), (4096, (1 / 16, 1 / 256), "xla")])
+def test_sparse_stays_finite_under_strong_alibi_at_long_lengths(t, slopes, impl):
+  q, k, v, s = long_inputs(t, slopes, seed=2)
+  window = SlidingWindow(t // 2 + 3)
+  fn = lambda q, k, v, s: sparse_attention(q, k, v, pattern=window, alibi_slopes=s, impl=impl)
+  dense = lambda q, k, v, s: dense_attention(q, k, v, alibi_slopes=s, mask=jnp.asarray(
+      sparse_pattern_token_mask(window, t))[None, None])
+  assert_finite_and_close(fn, dense, (q, k, v, s), (0, 1, 2), 2e-4)
+
+
+def test_sparse_window_stays_finite_at_16k():
+  """T=16384 on the block-skipping path, whose window (256) at slope 1/2 only cuts weights
+  below e^-128, exactly 0 in fp32: so it equals full ALiBi on the blockwise reference (checked
+  against the dense path at this length above); the dense masked oracle would take minutes."""
+  q, k, v, s = long_inputs(16384, (0.5,), seed=3)
+  fn = lambda q, k, v: sparse_attention(q, k, v, pattern=SlidingWindow(256), alibi_slopes=s,
+                                        impl="xla")
+  full = lambda q, k, v: blockwise_attention(q, k, v, alibi_slopes=s, impl="reference")
+  assert_finite_and_close(fn, full, (q, k, v), (0, 1, 2), 2e-4)
 
 
 # ---- linear ------------------------------------------------------------------------------------
@@ -319,3 +569,19 @@ def test_bad_shapes_and_values_fail_in_one_line():
     SlidingWindow(0)
   with pytest.raises(ValueError, match="causal only"):
     sparse_attention(q, k, v, pattern=MoBA(8, 2), causal=False)
+
+
+def test_moba_jnp_path_memory_is_bounded_by_the_dense_path():
+  """The block-skipping path of MoBA once gathered top_k blocks of keys per query token (12x the
+  dense path's memory at the MoBA variant of configs/gpt125m.py); now one query block at a
+  time: its compiled forward+backward needs no more temporaries than dense masked attention."""
+  b, t, h, d = 1, 2048, 4, 64
+  spec = jax.ShapeDtypeStruct((b, t, h, d), jnp.float32)
+  pattern = MoBA(256, 3)
+
+  def temporaries(impl):
+    loss = lambda q, k, v: jnp.sum(sparse_attention(q, k, v, pattern=pattern, impl=impl))
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+    return grad.lower(spec, spec, spec).compile().memory_analysis().temp_size_in_bytes
+
+  assert temporaries("xla") <= temporaries("reference")

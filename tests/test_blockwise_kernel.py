@@ -24,21 +24,29 @@ def inputs(seed, b, t, hq, hkv, d, segments, dtype=np.float32):
   return mk(b, t, hq, d), mk(b, t, hkv, d), mk(b, t, hkv, d), seg, mk(b, t, hq, d)
 
 
-def check_against_reference(q, k, v, seg, cot, *, causal, block, interpret=None, rtol=1e-4):
+def check_against_reference(q, k, v, seg, cot, *, causal, block, interpret=None, rtol=1e-4,
+                            gates=None, slopes=None):
+  """Asserts out, dq, dk, dv (and d gates, with gates [B, T, Hq]) of the kernel equal the dense
+  reference's; slopes [Hq]: ALiBi."""
   interpret = interpret or pltpu.InterpretParams(uninitialized_memory="nan")
+  bias = dict(alibi_slopes=slopes)
 
-  def kernel(q, k, v):
+  def kernel(q, k, v, *g):
     out = flash_attention_tpu(q, k, v, causal=causal, segment_ids=seg, interpret=interpret,
-                              block_q=block, block_k=block)
+                              block_q=block, block_k=block, log_gates=g[0] if g else None,
+                              **bias)
     return jnp.sum(out * cot), out
 
-  def reference(q, k, v):
-    out = dense_attention(q, k, v, causal=causal, segment_ids=seg)
+  def reference(q, k, v, *g):
+    out = dense_attention(q, k, v, causal=causal, segment_ids=seg,
+                          log_gates=g[0] if g else None, **bias)
     return jnp.sum(out * cot), out
 
-  (_, o1), g1 = jax.value_and_grad(kernel, argnums=(0, 1, 2), has_aux=True)(q, k, v)
-  (_, o2), g2 = jax.value_and_grad(reference, argnums=(0, 1, 2), has_aux=True)(q, k, v)
-  for name, got, want in zip(("out", "dq", "dk", "dv"), (o1, *g1), (o2, *g2)):
+  args = (q, k, v) + (() if gates is None else (gates,))
+  argnums = tuple(range(len(args)))
+  (_, o1), g1 = jax.value_and_grad(kernel, argnums=argnums, has_aux=True)(*args)
+  (_, o2), g2 = jax.value_and_grad(reference, argnums=argnums, has_aux=True)(*args)
+  for name, got, want in zip(("out", "dq", "dk", "dv", "dgates"), (o1, *g1), (o2, *g2)):
     assert np.all(np.isfinite(got)), f"{name}: unwritten (NaN-poisoned) or non-finite values"
     scale = max(float(jnp.max(jnp.abs(want))), 1.0)
     np.testing.assert_allclose(got, want, atol=rtol * scale, rtol=rtol, err_msg=name)
@@ -91,3 +99,32 @@ def test_impl_interpret_through_the_api_and_the_model():
   cfg.model.attention.impl = "xla"
   fns_ref, _ = build_model(cfg.model)
   np.testing.assert_allclose(got, fns_ref.apply(params, tok, seg), atol=1e-4)
+
+
+def log_gates(seed, b, t, hq, high=1.0):
+  r = np.random.default_rng(seed)
+  return jnp.asarray(-r.uniform(0.0, high, size=(b, t, hq)).astype(np.float32))
+
+
+@pytest.mark.parametrize("t,hq,hkv,segments,block,high", [
+    (37, 4, 2, True, 8, 1.0),  # GQA, T not a multiple of the block, packed documents
+    (50, 2, 2, False, 16, 1.0),
+    (45, 4, 1, True, 16, 40.0),  # strong decay: whole key blocks underflow to exact zeros
+])
+def test_forget_gates_match_reference(t, hq, hkv, segments, block, high):
+  """FoX's gate bias in the TPU kernel: out and the gradients of q, k, v and the gates (the
+  keys' share from the dk/dv kernel's column sums of dS) against the dense reference."""
+  q, k, v, seg, cot = inputs(11, 1, t, hq, hkv, 64, segments)
+  check_against_reference(q, k, v, seg, cot, causal=True, block=block,
+                          gates=log_gates(t, 1, t, hq, high))
+
+
+def test_alibi_runs_as_constant_gates_in_the_kernel():
+  q, k, v, seg, cot = inputs(12, 1, 70, 4, 2, 64, True)
+  slopes = jnp.asarray([0.5, 1 / 16, 1 / 64, 1 / 256], jnp.float32)
+  check_against_reference(q, k, v, seg, cot, causal=True, block=16, slopes=slopes)
+  got = blockwise_attention(q, k, v, segment_ids=seg, alibi_slopes=slopes, impl="interpret")
+  want = blockwise_attention(q, k, v, segment_ids=seg, alibi_slopes=slopes, impl="xla")
+  np.testing.assert_allclose(got, want, atol=1e-5)
+  with pytest.raises(ValueError, match="takes alibi_slopes only for causal self-attention"):
+    blockwise_attention(q, k, v, causal=False, alibi_slopes=slopes, impl="interpret")

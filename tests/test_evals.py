@@ -57,7 +57,7 @@ def copy_model_scorer():
 
 def test_uniform_logits_give_perplexity_vocab_size():
   cfg = small_config()
-  for vocab in (256, 258):
+  for vocab in (258, 300):  # every id the stream holds (bytes, BOS, EOS) is in the vocabulary
     r = perplexity(uniform_scorer(vocab), None, cfg, window=64, stride=16, max_tokens=3000,
                    batch_size=8)
     for mode in ("disjoint", "sliding"):
@@ -275,4 +275,5 @@ def test_evaluate_without_checkpoint_fails_in_one_line(tmp_path):
   proc = run_module("lmtrain.evaluate", cli_args() + ["--workdir", str(tmp_path)])
   assert proc.returncode == 2
   assert proc.stderr.strip().splitlines() == [
-      f"lmtrain: error: no checkpoint in {tmp_path}/checkpoints"]
+      f"lmtrain: error: no checkpoints in {tmp_path} (train first: python -m lmtrain.train "
+      f"--config ... --workdir {tmp_path})"]

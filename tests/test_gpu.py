@@ -57,6 +57,38 @@ def test_mosaic_gpu_kernel_gradients_match_the_fp32_reference(causal, d, schedul
     np.testing.assert_allclose(got.astype(jnp.float32), want, atol=2e-2 * scale)
 
 
+@pytest.mark.parametrize("schedule,backward", [("ws", "split"), ("ws", "fused"),
+                                              ("one_warpgroup", "split"),
+                                              ("one_warpgroup", "fused")])
+def test_mosaic_gpu_forget_gates_match_the_fp32_reference(schedule, backward):
+  """FoX's gate bias on the device, both schedules and backwards: the output and the gradients
+  of q, k, v and the gates (strong enough decay that whole key tiles underflow) against the
+  dense fp32 path."""
+  from pallas_kernels.blockwise.pallas_gpu import flash_attention_gpu
+  q, k, v = _qkv(t=700, d=128)
+  seg = jnp.asarray(np.repeat([[1] * 400 + [2] * 300], 2, axis=0), jnp.int32)
+  gates = -jax.random.uniform(jax.random.key(2), (2, 700, 8), jnp.float32, 0.0, 2.0)
+  cot = jax.random.normal(jax.random.key(1), q.shape, jnp.float32)
+  f32 = lambda x: x.astype(jnp.float32)
+
+  def value_and_grads(attn):
+    def f(q, k, v, g):
+      out = f32(attn(q, k, v, g))
+      return jnp.sum(out * cot), out
+    (_, out), grads = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 3), has_aux=True))(
+        q, k, v, gates)
+    return out, grads
+
+  ours = lambda q, k, v, g: flash_attention_gpu(q, k, v, segment_ids=seg, log_gates=g,
+                                                schedule=schedule, backward=backward)
+  xla = lambda q, k, v, g: blockwise_attention(f32(q), f32(k), f32(v), segment_ids=seg,
+                                               log_gates=g, impl="xla")
+  (got, got_grads), (want, want_grads) = value_and_grads(ours), value_and_grads(xla)
+  for a, b in zip((got, *got_grads), (want, *want_grads)):
+    assert np.all(np.isfinite(np.asarray(f32(a))))
+    np.testing.assert_allclose(f32(a), b, atol=2e-2 * max(float(jnp.max(jnp.abs(b))), 1.0))
+
+
 @pytest.mark.parametrize("schedule", ["ws", "one_warpgroup"])
 @pytest.mark.parametrize("causal,ratio", [(True, 4), (False, 1)])
 def test_mosaic_gpu_forward_schedules_match_the_reference(schedule, causal, ratio):

@@ -38,10 +38,11 @@ def inputs(seed, b, t, hq, hkv, d, segments, dtype=jnp.bfloat16):
 
 
 def check_against_reference(q, k, v, seg, cot, *, causal, pattern=None, schedule="ws",
-                            backward="split", window=None):
+                            backward="split", window=None, gates=None, slopes=None):
   """Asserts out, dq, dk, dv of the kernels (flash_attention_gpu with the schedule, backward
   and window given, or sparse_flash_gpu for a pattern) equal the fp32 reference's on the same
-  (bf16-rounded) values."""
+  (bf16-rounded) values; with gates [B, T, Hq] (FoX's log forget gates) also their gradient;
+  slopes [Hq]: ALiBi."""
   if window is not None:
     assert pattern is None
     flash_window, pattern_of_reference = window, SlidingWindow(window)
@@ -50,27 +51,33 @@ def check_against_reference(q, k, v, seg, cot, *, causal, pattern=None, schedule
   interp = plgpu.InterpretGPUParams(uninitialized_memory="nan")
   f32 = lambda x: x.astype(jnp.float32)
 
-  def kernel(q, k, v):
+  bias = lambda g: dict(log_gates=g[0] if g else None, alibi_slopes=slopes)
+
+  def kernel(q, k, v, *g):
     if pattern is None:
       out = flash_attention_gpu(q, k, v, causal=causal, segment_ids=seg, interpret=interp,
-                                schedule=schedule, backward=backward, window=flash_window)
+                                schedule=schedule, backward=backward, window=flash_window,
+                                **bias(g))
     else:
+      assert not g
       out = sparse_flash_gpu(q, k, v, pattern=pattern, causal=causal, segment_ids=seg,
-                             interpret=interp)
+                             interpret=interp, alibi_slopes=slopes)
     return jnp.sum(f32(out) * cot), out
 
-  def reference(q, k, v):
+  def reference(q, k, v, *g):
     if pattern_of_reference is None:
-      out = dense_attention(f32(q), f32(k), f32(v), causal=causal, segment_ids=seg)
+      out = dense_attention(f32(q), f32(k), f32(v), causal=causal, segment_ids=seg, **bias(g))
     else:
       out = sparse_reference(f32(q), f32(k), f32(v), pattern=pattern_of_reference,
-                             causal=causal, segment_ids=seg)
+                             causal=causal, segment_ids=seg, alibi_slopes=slopes)
     return jnp.sum(out * cot), out
 
-  (_, o1), g1 = jax.value_and_grad(kernel, argnums=(0, 1, 2), has_aux=True)(q, k, v)
-  (_, o2), g2 = jax.value_and_grad(reference, argnums=(0, 1, 2), has_aux=True)(q, k, v)
-  assert o1.dtype == q.dtype and all(g.dtype == x.dtype for g, x in zip(g1, (q, k, v)))
-  for name, got, want in zip(("out", "dq", "dk", "dv"), (o1, *g1), (o2, *g2)):
+  args = (q, k, v) + (() if gates is None else (gates,))
+  argnums = tuple(range(len(args)))
+  (_, o1), g1 = jax.value_and_grad(kernel, argnums=argnums, has_aux=True)(*args)
+  (_, o2), g2 = jax.value_and_grad(reference, argnums=argnums, has_aux=True)(*args)
+  assert o1.dtype == q.dtype and all(g.dtype == x.dtype for g, x in zip(g1, args))
+  for name, got, want in zip(("out", "dq", "dk", "dv", "dgates"), (o1, *g1), (o2, *g2)):
     got = np.asarray(got.astype(jnp.float32))
     assert np.all(np.isfinite(got)), f"{name}: unwritten (NaN-poisoned) or non-finite values"
     scale = max(float(jnp.max(jnp.abs(want))), 1.0)
@@ -253,14 +260,14 @@ def test_fp32_inputs_come_back_fp32():
 @pytest.mark.parametrize("kwargs,match", [
     (dict(d=32), "head dims 64, 128, 192 or 256; got 32"),
     (dict(block_q=96), "multiples of 64"),
-    (dict(alibi=True), "alibi_slopes"),
+    (dict(alibi=True), "takes alibi_slopes only for causal self-attention"),
     (dict(schedule="fa4"), "schedule='fa4' is not one of ws, one_warpgroup"),
     (dict(backward="atomic"), "backward='atomic' is not one of split, fused"),
 ])
 def test_bad_inputs_get_one_line_errors(kwargs, match):
   d = kwargs.get("d", 64)
   q = jnp.zeros((1, 64, 2, d), jnp.bfloat16)
-  extra = {"alibi_slopes": jnp.ones((2,))} if kwargs.get("alibi") else {}
+  extra = {"alibi_slopes": jnp.ones((2,)), "causal": False} if kwargs.get("alibi") else {}
   with pytest.raises(ValueError, match=match):
     flash_attention_gpu(q, q, q, block_q=kwargs.get("block_q", 64),
                         schedule=kwargs.get("schedule", "ws"),
@@ -275,6 +282,7 @@ def test_api_interpret_gpu_and_auto_keeps_cudnn_on_gpu(monkeypatch):
   assert blockwise_api.kernel_for("pallas", "gpu") is flash_attention_gpu
   monkeypatch.setattr(blockwise_api._common, "backend", lambda: "gpu")
   assert blockwise_api.resolve_impl("auto") == "cudnn"  # until the GPU kernel is measured
+  assert blockwise_api.resolve_impl("auto", segments=True) == "reference"  # no dense mask
   assert sparse_api.resolve_impl("auto") == "xla"
   with pytest.raises(ValueError, match="block_size a multiple of 64; got 32"):
     sparse_flash_gpu(q, k, v, pattern=sparse_api.BlockMask(32, np.ones((3, 3), bool)))
@@ -311,3 +319,51 @@ def test_pallas_on_a_non_hopper_gpu_is_a_one_line_error(monkeypatch, kind, capab
               lambda: sparse_attention(q, q, q, pattern=SlidingWindow(16), impl="pallas")):
     with pytest.raises(ValueError, match=f"compute capability 9.x.*{kind}.*{capability}"):
       run()
+
+
+def log_gates(seed, b, t, hq, high=0.5):
+  r = np.random.default_rng(seed)
+  return jnp.asarray(-r.uniform(0.0, high, size=(b, t, hq)).astype(np.float32))
+
+
+@pytest.mark.parametrize("schedule,backward,t,ratio,segments,high", [
+    ("ws", "split", 150, 2, True, 0.5), ("ws", "fused", 130, 1, False, 0.5),
+    ("one_warpgroup", "split", 100, 4, True, 30.0), ("one_warpgroup", "fused", 90, 2, True, 0.5)])
+def test_forget_gates_match_reference(schedule, backward, t, ratio, segments, high):
+  """FoX's gate bias on both schedules and both backwards: out and the gradients of q, k, v
+  and the gates (the keys' share summed per query head in the dk/dv kernel) against the fp32
+  reference; GQA, ragged T, packed documents, and strong decay (high=30: whole key tiles
+  underflow to exact zeros)."""
+  q, k, v, seg, cot = inputs(13, 1, t, 2 * ratio, 2, 64, segments)
+  check_against_reference(q, k, v, seg, cot, causal=True, schedule=schedule, backward=backward,
+                          gates=log_gates(t, 1, t, 2 * ratio, high))
+
+
+def test_alibi_on_the_sliding_window_kernel():
+  """ALiBi (constant gates) with a sliding window, through sparse_flash_gpu."""
+  q, k, v, seg, cot = inputs(14, 1, 140, 2, 1, 64, True)
+  check_against_reference(q, k, v, seg, cot, causal=True, pattern=SlidingWindow(70),
+                          slopes=jnp.asarray([0.5, 1 / 64], jnp.float32))
+  with pytest.raises(ValueError, match="block-mask kernels do not take alibi_slopes"):
+    sparse_flash_gpu(q, k, v, pattern=sparse_api.BlockMask(64, np.ones((3, 3), bool)),
+                     alibi_slopes=jnp.ones((2,)))
+
+
+@pytest.mark.parametrize("d,schedule,backward", [(128, "ws", "split"), (128, "ws", "fused"),
+                                                 (64, "one_warpgroup", "split"),
+                                                 (256, "ws", "fused")])
+def test_forget_gates_lower_for_cuda(d, schedule, backward):
+  """The gated kernels (forward, dq, dk/dv with the gate column sums) lower through Mosaic GPU
+  within Hopper's shared memory: 3 kernels, or 2 with the fused backward (head dim 256 falls
+  back to split)."""
+  q, k, v, seg, _ = inputs(0, 2, 1000, 4, 2, d, True)
+  gates = log_gates(0, 2, 1000, 4)
+
+  def loss(q, k, v, g):
+    return jnp.sum(flash_attention_gpu(q, k, v, segment_ids=seg, log_gates=g, schedule=schedule,
+                                       backward=backward).astype(jnp.float32))
+
+  exported = export.export(jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3))),
+                           platforms=("cuda",))(q, k, v, gates)
+  kernels = re.findall(r"stablehlo.custom_call @mosaic_gpu", exported.mlir_module())
+  assert len(kernels) == (2 if backward == "fused" and d <= 128 else 3)

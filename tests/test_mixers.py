@@ -45,7 +45,7 @@ def tokens(b, t, seed):
 
 def test_the_registry_has_the_shipped_kinds_each_with_a_paper_and_a_variant():
   assert {"softmax", "sliding_window", "block_sparse", "moba", "linear", "simple_gla",
-          "gla", "diff", "selective", "deltanet", "gated_deltanet"} <= set(KINDS)
+          "gla", "diff", "selective", "deltanet", "gated_deltanet", "fox"} <= set(KINDS)
   assert KINDS[0] == "softmax"
   for kind in KINDS:
     cls = mixers.get(kind)
@@ -75,6 +75,12 @@ EXTRA_CASES = [  # options off by default, tested on
     ("selective", {"position": "alibi", "qk_norm": True, "output_gate": True}),
     ("deltanet", {"short_conv": False, "output_gate": True}),
     ("gated_deltanet", {"expand_v": 1.0, "output_norm": False}),
+    ("fox", {"position": "rope", "qk_norm": True, "output_gate": True}),
+    ("softmax", {"softcap": 3.0, "sinks": True}),
+    ("sliding_window", {"sinks": True, "softcap": 2.0}),
+    ("moba", {"softcap": 3.0, "sinks": True}),
+    ("fox", {"sinks": True, "softcap": 4.0}),
+    ("selective", {"sinks": True, "softcap": 5.0}),
     ("simple_gla", {"short_conv": False, "output_gate": False}),
 ]
 
@@ -92,6 +98,8 @@ def random_like(tree, rng, scale):
     name = jax.tree_util.keystr(path)
     if "scale" in name:  # norm scales around one
       return jnp.asarray(1.0 + scale * rng.normal(size=a.shape))
+    if "sink" in name:  # sink logits comparable to the others
+      return jnp.asarray(4 * scale * rng.normal(size=a.shape))
     return jnp.asarray(scale * rng.normal(size=a.shape))
   return jax.tree_util.tree_map_with_path(draw, tree)
 
@@ -233,12 +241,17 @@ def test_gla_gates_are_per_key_dimension_from_a_low_rank_projection():
     ({"model.attention.moba.top_k": 2}, "no layer uses attention kind 'moba'"),
     ({"model.attention.layer_pattern": "linear,telepathy"}, "'telepathy'"),
     ({"model.attention.layer_pattern": "linear,linear"}, "not in layer_pattern"),
-    ({"model.attention.impl": "cudnn", "model.attention.kind": "linear"}, "cudnn"),
-    ({"model.attention.impl": "pallas", "model.attention.kind": "linear"}, "no such kernel"),
-    ({"model.attention.impl": "interpret", "model.attention.kind": "gla"},
-     "per-key-dimension gates"),
-    ({"model.attention.impl": "interpret", "model.attention.softmax.position": "alibi"},
-     "alibi"),
+    ({"model.attention.impl": "cudnn", "model.attention.kind": "linear"},
+     "linear_attention has no cuDNN path"),
+    ({"model.attention.impl": "cudnn"}, "cuDNN needs a CUDA GPU (this backend is cpu)"),
+    ({"model.attention.impl": "pallas", "model.attention.kind": "linear"},
+     "no Pallas linear-attention kernel for backend cpu"),
+    ({"model.attention.impl": "interpret", "model.attention.kind": "gla"}, "per-key gates"),
+    ({"model.attention.impl": "interpret", "model.attention.kind": "moba",
+      "model.attention.moba.position": "alibi"}, "MoBA kernels take no ALiBi"),
+    ({"model.attention.impl": "interpret_gpu"}, "takes bfloat16/float16, not float32"),
+    ({"model.attention.impl": "interpret", "model.attention.kind": "deltanet"},
+     "the delta rule has no Pallas kernel yet"),
 ])
 def test_kind_options_are_checked(overrides, needle):
   with pytest.raises(config_lib.ConfigError) as e:
@@ -264,3 +277,21 @@ def test_flops_count_every_kind(variant):
       full = mixers.get("softmax").forward_flops(
           mixers.get("softmax").Options(), dims, 4096)
       assert mixing < full
+
+
+def test_sinks_at_minus_infinity_and_a_large_softcap_change_nothing():
+  """A sink whose logit is -inf adds nothing to the denominator; soft-capping tends to plain
+  softmax as the cap grows (tanh(x / c) * c -> x)."""
+  from pallas_kernels import blockwise_attention, sparse_attention, SlidingWindow
+  r = np.random.default_rng(0)
+  q, k, v = (jnp.asarray(r.normal(size=(2, 19, 4, 8)), jnp.float32) for _ in range(3))
+  plain = blockwise_attention(q, k, v, impl="reference")
+  off = blockwise_attention(q, k, v, sinks=jnp.full((4,), -jnp.inf), impl="reference")
+  np.testing.assert_allclose(off, plain, atol=1e-6)
+  on = blockwise_attention(q, k, v, sinks=jnp.zeros((4,)), impl="reference")
+  assert float(jnp.max(jnp.abs(on - plain))) > 1e-3
+  errors = [float(jnp.max(jnp.abs(blockwise_attention(q, k, v, softcap=c, impl="reference")
+                                  - plain))) for c in (1.0, 10.0, 100.0, 1000.0)]
+  assert errors == sorted(errors, reverse=True) and errors[-1] < 1e-4 and errors[0] > 1e-2
+  window = lambda **kw: sparse_attention(q, k, v, pattern=SlidingWindow(5), impl="xla", **kw)
+  np.testing.assert_allclose(window(softcap=1e5), window(), atol=1e-5)

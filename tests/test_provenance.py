@@ -58,10 +58,13 @@ def test_another_attention_kind_is_refused_or_recorded(tmp_path):
   assert not os.path.exists(os.path.join(workdir, "evals"))
   proc = run_module("lmtrain.evaluate", moba + ["--allow_config_mismatch"])
   assert proc.returncode == 0, proc.stderr
-  result = json.load(open(os.path.join(workdir, "evals", "ppl.json")))
+  other = os.path.join(workdir, "evals", "other-configs")  # never over the run's own results
+  [digest] = os.listdir(other)
+  result = json.load(open(os.path.join(other, digest, "ppl.json")))
   assert result["config"]["model"]["attention"]["kind"] == "moba"
   assert result["checkpoint_config"]["model"]["attention"]["kind"] == "softmax"
   assert result["run"]["source_hash"] == provenance.source_hash()
+  assert not os.path.exists(os.path.join(workdir, "evals", "ppl.json"))
   # without --config, the checkpoint's own config is evaluated
   proc = run_module("lmtrain.evaluate", ["--workdir", workdir, "--evals", "ppl"])
   assert proc.returncode == 0, proc.stderr

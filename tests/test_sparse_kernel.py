@@ -14,17 +14,19 @@ from pallas_kernels.sparse.pallas_tpu import sparse_flash_tpu, visited_blocks
 from tests.test_blockwise_kernel import inputs
 
 
-def check_against_reference(pattern, q, k, v, seg, cot, *, causal=True, block=16):
-  """Asserts forward, dq, dk and dv of the kernel equal the dense masked reference."""
+def check_against_reference(pattern, q, k, v, seg, cot, *, causal=True, block=16, slopes=None):
+  """Asserts forward, dq, dk and dv of the kernel equal the dense masked reference (with ALiBi
+  slopes [Hq], when given)."""
   interp = pltpu.InterpretParams(uninitialized_memory="nan")
 
   def kernel(q, k, v):
     out = sparse_flash_tpu(q, k, v, pattern=pattern, causal=causal, segment_ids=seg,
-                           interpret=interp, block=block)
+                           interpret=interp, block=block, alibi_slopes=slopes)
     return jnp.sum(out * cot), out
 
   def reference(q, k, v):
-    out = sparse_reference(q, k, v, pattern=pattern, causal=causal, segment_ids=seg)
+    out = sparse_reference(q, k, v, pattern=pattern, causal=causal, segment_ids=seg,
+                           alibi_slopes=slopes)
     return jnp.sum(out * cot), out
 
   (_, o1), g1 = jax.value_and_grad(kernel, argnums=(0, 1, 2), has_aux=True)(q, k, v)
@@ -70,6 +72,19 @@ def test_through_the_api():
   for pattern in (SlidingWindow(9), MoBA(8, 2)):
     got = sparse_attention(q, k, v, pattern=pattern, impl="interpret")
     np.testing.assert_allclose(got, sparse_reference(q, k, v, pattern=pattern), atol=1e-5)
+
+
+@pytest.mark.parametrize("pattern", [SlidingWindow(23),
+                                     BlockMask(16, ~np.eye(3, k=-1, dtype=bool))],
+                         ids=["window", "blockmask"])
+def test_alibi_on_the_kernel(pattern):
+  """ALiBi runs on the window and block-mask kernels as constant forget gates (slope 8: whole
+  tiles underflow); MoBA's kernels refuse it."""
+  q, k, v, seg, cot = inputs(21, 1, 45, 2, 1, 64, True)
+  slopes = jnp.asarray([8.0, 1 / 16], jnp.float32)
+  check_against_reference(pattern, q, k, v, seg, cot, block=16, slopes=slopes)
+  with pytest.raises(ValueError, match="MoBA kernels do not take alibi_slopes"):
+    sparse_attention(q, k, v, pattern=MoBA(8, 2), alibi_slopes=slopes, impl="interpret")
 
 
 # ---- MoBA ----------------------------------------------------------------------------------------

@@ -46,8 +46,14 @@ CASES = {
     "flash causal segments": (
         lambda q, k, v, s: flash_attention_tpu(q, k, v, causal=True, segment_ids=s), (SEG,), 3),
     "flash full": (lambda q, k, v: flash_attention_tpu(q, k, v, causal=False), (), 3),
+    "flash forget gates segments": (  # the dk/dv kernel also writes the gates' column sums
+        lambda q, k, v, g, s: flash_attention_tpu(q, k, v, log_gates=g, segment_ids=s),
+        (GATES, SEG), 3),
     "sliding window": (
         lambda q, k, v: sparse_flash_tpu(q, k, v, pattern=SlidingWindow(200)), (), 3),
+    "sliding window alibi": (
+        lambda q, k, v: sparse_flash_tpu(q, k, v, pattern=SlidingWindow(200),
+                                         alibi_slopes=jnp.linspace(1 / 256, 0.5, HQ)), (), 3),
     "block mask": (
         lambda q, k, v: sparse_flash_tpu(q, k, v, pattern=local_global_strided(
             128, 5, local=2, global_blocks=1, stride=3)), (), 3),
@@ -76,7 +82,7 @@ def test_lowers_for_tpu_v5e(name):
 @pytest.mark.parametrize("device_kind", ["TPU v4", "TPU v6 lite"])
 @pytest.mark.parametrize("d,dtype", [(64, jnp.float32), (256, jnp.bfloat16)])
 def test_lowers_on_other_chips_head_dims_and_dtypes(device_kind, d, dtype):
-  for name in ("flash causal segments", "linear gates normalised"):
+  for name in ("flash causal segments", "flash forget gates segments", "linear gates normalised"):
     attn, extra, kernels = CASES[name]
     text = _export_for_tpu(attn, extra, d=d, dtype=dtype, device_kind=device_kind)
     assert text.count("tpu_custom_call") == kernels, (name, device_kind, d)

@@ -166,5 +166,5 @@ def test_resuming_with_another_model_shape_fails_in_one_line(tmp_path):
   proc = run_module("lmtrain.train", cli_args(**{"model.d_model": 32}) + ["--workdir", workdir])
   assert proc.returncode == 2
   line = proc.stderr.strip().splitlines()[-1]
-  assert "checkpoint at step 10" in line and "[64, 1, 32]" in line
+  assert "checkpoint at step 10" in line and "model.d_model: 64 (checkpoint) vs 32" in line
   assert Checkpointer(workdir, keep=3).all_steps() == [10]  # nothing was overwritten

@@ -33,7 +33,8 @@ def extrapolation(scorer, params, cfg, *, train_length: int, factors, tokens_per
                   batch_tokens: int, max_length: int = 0) -> dict:
   tok = get_tokenizer(cfg.data.tokenizer)
   lengths = sorted({max(1, int(round(train_length * f))) for f in factors})
-  stream, segments = heldout_stream(cfg, max(tokens_per_length, max(lengths)) + 1)
+  stream, segments = heldout_stream(cfg, max(tokens_per_length, max(lengths)) + 1,
+                                    doc_tokens=max(lengths))
   results, skipped = [], []
   bucket_sum, bucket_count = np.zeros(64), np.zeros(64, np.int64)
   failed_at = None

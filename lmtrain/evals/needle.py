@@ -3,10 +3,16 @@
 A context of exactly `length` tokens: BOS, filler with the needle ("The pass key is NNNNN.
 Remember it. NNNNN is the pass key.") at a chosen depth, then "What is the pass key? The pass
 key is " and the answer. (The usual instruction sentence is left out: byte-level models need the
-short prompt, about 100 tokens, to test contexts of a few hundred.) The whole sequence is fed at once; the answer counts as retrieved
-when the greedy prediction of every answer token is right (exact match), and its NLL is kept
-too (a smooth signal for small models). Filler is either synthetic (a fixed repeated text) or
-natural (held-out corpus text at a seeded offset).
+short prompt, about 100 tokens, to test contexts of a few hundred.) The whole sequence is fed
+at once; the answer counts as retrieved when the greedy prediction of every answer token is
+right (exact match), and its NLL is kept too (a smooth signal for small models). Filler is
+either synthetic (a fixed repeated text) or natural (held-out text of many documents, at a
+seeded offset).
+
+Any tokenizer: every part is encoded by the run's tokenizer, and the question and its answer
+are encoded together, as the model would read them; the answer span is the tokens after the
+longest common prefix of encode(question) and encode(question + answer), so a subword merge
+across the boundary (" 48213" as one token with its space) is part of the scored span.
 """
 from __future__ import annotations
 
@@ -37,8 +43,7 @@ def make_sample(tokenizer, *, length: int, depth: float, key: int, filler_ids: n
   enc = lambda text: tokenizer.encode(text)
   head = np.asarray([tokenizer.bos_id])
   needle = enc(NEEDLE.format(key=key))
-  tail = enc(QUESTION)
-  answer = enc(str(key))
+  tail, answer = question_and_answer(tokenizer, str(key))
   fixed = len(head) + len(needle) + len(tail) + len(answer)
   n_filler = length + 1 - fixed
   if n_filler < 0:
@@ -50,24 +55,41 @@ def make_sample(tokenizer, *, length: int, depth: float, key: int, filler_ids: n
   return PasskeySample(tokens, slice(length - len(answer), length), len(head) + before, n_filler)
 
 
+def question_and_answer(tokenizer, answer: str) -> tuple[np.ndarray, np.ndarray]:
+  """(question tokens, answer tokens): QUESTION + answer encoded together, split where the
+  encoding stops being that of the question alone."""
+  question = np.asarray(tokenizer.encode(QUESTION))
+  full = np.asarray(tokenizer.encode(QUESTION + answer))
+  common = 0
+  for a, b in zip(question, full):
+    if a != b:
+      break
+    common += 1
+  common = min(common, len(full) - 1)  # the answer has at least one token
+  return full[:common], full[common:]
+
+
 def prompt_tokens(tokenizer) -> int:
   """Tokens of a context that are not filler: the shortest possible `length`."""
   sample = make_sample(tokenizer, length=10 ** 4, depth=0.0, key=10000, filler_ids=np.zeros(1))
   return 10 ** 4 - sample.filler_tokens
 
 
-def filler_ids(kind: str, tokenizer, natural_text: bytes | None) -> np.ndarray:
+def filler_ids(kind: str, tokenizer, natural_text) -> np.ndarray:
+  """natural_text: held-out text (bytes) or its token ids (an int array)."""
   if kind == "synthetic":
     return tokenizer.encode(SYNTHETIC_FILLER)
   if kind == "natural":
-    if not natural_text:
+    if natural_text is None or not len(natural_text):
       raise ValueError("needle: natural filler needs held-out text")
+    if isinstance(natural_text, np.ndarray):
+      return natural_text.astype(np.int32)
     return tokenizer.encode(natural_text)
   raise ValueError(f"needle: filler={kind!r} is not one of synthetic, natural")
 
 
 def passkey_grid(scorer, params, tokenizer, *, lengths, depths, samples: int, filler: str,
-                 natural_text: bytes | None, seed: int, batch_tokens: int) -> dict:
+                 natural_text, seed: int, batch_tokens: int) -> dict:
   """Accuracy and answer NLL for every (depth, length) cell, `samples` seeded contexts each."""
   ids = filler_ids(filler, tokenizer, natural_text)
   acc = np.zeros((len(depths), len(lengths)))

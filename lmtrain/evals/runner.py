@@ -9,7 +9,7 @@ import numpy as np
 
 from lmtrain import provenance
 from lmtrain.data.pipeline import mqar_options
-from lmtrain.data.sources import load_documents
+from lmtrain.data.heldout import heldout_stream
 from lmtrain.data.tokenizers import get_tokenizer
 from lmtrain.evals import extrapolation as extrap
 from lmtrain.evals import mqar, needle, perplexity, report
@@ -66,7 +66,7 @@ class EvalSuite:
     depths = parse_list(self.e.niah_depths, float)
     out = {"threshold": self.e.niah_threshold, "grids": []}
     for filler in [f.strip() for f in self.e.niah_fillers.split(",") if f.strip()]:
-      natural = self._natural_text(max(lengths) * 4) if filler == "natural" else None
+      natural = self._natural_ids(max(lengths) * 2) if filler == "natural" else None
       grid = needle.passkey_grid(self.scorer, params, self.tokenizer, lengths=lengths,
                                  depths=depths, samples=self.e.niah_samples, filler=filler,
                                  natural_text=natural, seed=self.e.seed,
@@ -93,14 +93,11 @@ class EvalSuite:
                           lengths=lengths, samples=self.e.mqar_samples,
                           batch_tokens=self.e.batch_tokens, **mqar_options(self.cfg.data))
 
-  def _natural_text(self, num_bytes: int) -> bytes:
-    docs = load_documents(self.cfg.data, "heldout")
-    out = b""
-    for i in range(len(docs)):
-      out += docs[i]
-      if len(out) >= num_bytes:
-        break
-    return out
+  def _natural_ids(self, num_tokens: int) -> np.ndarray:
+    """Held-out text as token ids (many documents, lmtrain.data.heldout), without BOS/EOS."""
+    tokens, segments = heldout_stream(self.cfg, num_tokens, doc_tokens=num_tokens // 2)
+    tok = self.tokenizer
+    return tokens[(segments > 0) & (tokens != tok.bos_id) & (tokens != tok.eos_id)]
 
   # -- running and reporting ------------------------------------------------------------------
 
@@ -111,7 +108,7 @@ class EvalSuite:
       payload = {"eval": name, "step": int(step), "num_params": self.num_params,
                  "attention": _attention_summary(self.cfg), "train_seq_len": self.t,
                  "result": result, "config": self.cfg.to_dict(),
-                 "run": provenance.run_metadata()}
+                 "run": provenance.run_metadata(self.cfg.data)}
       if self.checkpoint_config is not None:
         payload["checkpoint_config"] = self.checkpoint_config
       if out_dir is not None and jax.process_index() == 0:  # one writer for the whole job

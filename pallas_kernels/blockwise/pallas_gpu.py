@@ -29,6 +29,11 @@ masks they are per query head and summed after). backward="fused" (FlashAttentio
 dq kernel: the dk/dv kernel also adds each tile's dq share into fp32 memory by TMA reduce-add,
 5 matmuls per tile instead of 7 (the default stays "split" until a GPU has timed both).
 
+Forget gates (FoX's log_gates; ALiBi as constant gates), every schedule and backward: the
+running sums c [B, Hq, T] join the scores as c_q - c_k (the query tile's sums loaded once as
+rows, each key tile's as columns); the gates' gradient is dlse for the queries and minus the
+column sums of dS for the keys, summed per query head by the dk/dv kernel.
+
 Layout: [B, T, H, D] as the API takes it (TMA reads the strided head slices); T is padded to the
 tile.
 
@@ -47,6 +52,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels._common import cdiv, pad_for_tiles, StaticConfig
+from pallas_kernels.blockwise.pallas_tpu import kernel_gates
 
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 LOG2E = math.log2(math.e)
@@ -129,6 +135,28 @@ def _query_seg_rows(segments, seg_gmem, bi, h, q0, rows):
     return None
   return plgpu.load(_seg_ref(seg_gmem, bi, h).at[pl.ds(q0, rows)],
                     layout=plgpu.Layout.WGMMA.reduce(1), optimized=False)
+
+
+def _split_gates(rest, gated):
+  """(the gate sums' refs (c_q [B, Hq, Tp], c_k [B, Hq, Sp]) or None, the remaining refs)."""
+  return (tuple(rest[:2]), rest[2:]) if gated else (None, rest)
+
+
+def _gate_rows(gate_gmem, bi, h, q0, rows):
+  """The query tile's gate sums c_q [rows] (WGMMA rows), or None ungated."""
+  if gate_gmem is None:
+    return None
+  return plgpu.load(gate_gmem[0].at[bi, h, pl.ds(q0, rows)],
+                    layout=plgpu.Layout.WGMMA.reduce(1), optimized=False)
+
+
+def _query_major_bias(c_rows, gate_gmem, bi, h, k0, rows, cols):
+  """The gate bias c_q - c_k [rows, cols] of a tile with the queries as rows: c_rows [rows] the
+  query tile's sums (_gate_rows), the key tile's sums loaded as columns (per query head)."""
+  c_cols = plgpu.load(gate_gmem[1].at[bi, h, pl.ds(k0, cols)],
+                      layout=plgpu.Layout.WGMMA.reduce(0), optimized=False)
+  return (jax.lax.broadcast_in_dim(c_rows, (rows, cols), [0])
+          - jax.lax.broadcast_in_dim(c_cols, (rows, cols), [1]))
 
 
 def _tile_is_whole(q0, k0, *, rows, cols, s_len, padded_len, causal, window, segments):
@@ -249,13 +277,14 @@ def _online_softmax_step(s, whole, keep_fn, carry, v_smem, p_smem, *, d, dtype,
   return acc * jax.lax.broadcast_in_dim(alpha, (rows, d), [0]) + pv, m_new, l_i
 
 
-def _forward(q, k, v, q_seg, k_seg, ranges=None, *, causal, window, scale, s_len, bq, bk, stages,
-             interpret, stage_in_smem, segments, lists=False, ws=False):
+def _forward(q, k, v, q_seg, k_seg, ranges=None, gates=(), *, causal, window, scale, s_len, bq,
+             bk, stages, interpret, stage_in_smem, segments, lists=False, ws=False):
   """(o [B, Tp, Hq, D], lse [B, Hq, Tp]). A CTA per (query rows, query head, batch): bq rows, or
   with ws WS_WARPGROUPS x bq rows, one compute warpgroup per bq. ranges (optional, not with
   ws): a table of each query tile's key blocks instead of the causal / window formula:
   [first, end) ranges [B, Hq, nq, 2], or with lists=True block lists [B, Hq, nq, 1 + n_max]
-  (count, then blocks). q_seg is [B, Tp], or per head [B, Hq, Tp]."""
+  (count, then blocks). q_seg is [B, Tp], or per head [B, Hq, Tp]. gates: () or the gate sums
+  (c_q [B, Hq, Tp], c_k [B, Hq, Sp]) fp32, whose bias c_q - c_k joins the scores."""
   b, tp, hq, d = q.shape
   sp, hkv = k.shape[1], k.shape[2]
   group = hq // hkv
@@ -269,7 +298,9 @@ def _forward(q, k, v, q_seg, k_seg, ranges=None, *, causal, window, scale, s_len
                                         causal=causal, window=window, segments=segments)
 
   def kernel(q_gmem, k_gmem, v_gmem, qseg_gmem, kseg_gmem, *rest):
-    ranges_gmem, (o_gmem, lse_gmem, q_smem, lse_smem, barrier, *rest) = _split(rest, ranges)
+    ranges_gmem, rest = _split(rest, ranges)
+    gate_gmem, (o_gmem, lse_gmem, q_smem, lse_smem, barrier, *rest) = _split_gates(rest,
+                                                                                   bool(gates))
     schedule, p_smem = (rest[0], rest[1:]) if ws else (None, rest)
 
     def take_turn():
@@ -292,12 +323,16 @@ def _forward(q, k, v, q_seg, k_seg, ranges=None, *, causal, window, scale, s_len
               plgpu.layout_cast(jnp.zeros((bq,), jnp.float32), wg.reduce(1)))
       if ws:  # warpgroup 1 starts one meeting late (take_turn)
         pl.when(w == 1)(take_turn)
-      return init, _query_seg_rows(segments, qseg_gmem, bi, h, first_row(w), bq)
+      return init, (_query_seg_rows(segments, qseg_gmem, bi, h, first_row(w), bq),
+                    _gate_rows(gate_gmem, bi, h, first_row(w), bq))
 
-    def body(w, q_seg_rows, step, k_smem, v_smem, carry):
+    def body(w, context, step, k_smem, v_smem, carry):
+      q_seg_rows, c_rows = context
       ki = block_at(step)
       turn = take_turn if ws else None
       s = _smem_product(q_smem.at[w], k_smem, (bq, bk), after_issue=turn) * (scale * LOG2E)
+      if gate_gmem is not None:  # the scores are in log2 units
+        s = s + _query_major_bias(c_rows, gate_gmem, bi, h, ki * bk, bq, bk) * LOG2E
       keep_fn = lambda: _query_major_mask(first_row(w), ki, q_seg_rows, kseg_gmem.at[bi], bq=bq,
                                           bk=bk, s_len=s_len, causal=causal, window=window)
       return _online_softmax_step(s, whole(first_row(w), ki * bk), keep_fn, carry, v_smem,
@@ -332,7 +367,7 @@ def _forward(q, k, v, q_seg, k_seg, ranges=None, *, causal, window, scale, s_len
                                    jax.ShapeDtypeStruct((b, hq, tp), jnp.float32)),
                  grid=(tp // cta_rows, hq, b), grid_names=("q", "h", "b"), scratch=scratch,
                  ws=ws, interpret=interpret)
-  return call(q, k, v, q_seg, k_seg, *(() if ranges is None else (ranges,)))
+  return call(q, k, v, q_seg, k_seg, *(() if ranges is None else (ranges,)), *gates)
 
 
 def _matmul(lhs, rhs_smem, shape, staging, dtype):
@@ -368,10 +403,11 @@ def _smem_product(a_smem, b_smem_t, shape, after_issue=None):
   return _smem_operand_product(a_smem, b_smem_t.T, shape, after_issue)
 
 
-def _dq(q, k, v, do, lse, delta, q_seg, k_seg, ranges=None, *, causal, window, scale, s_len, bq,
-        bk, stages, interpret, stage_in_smem, segments, lists=False, ws=False):
+def _dq(q, k, v, do, lse, delta, q_seg, k_seg, ranges=None, gates=(), *, causal, window, scale,
+        s_len, bq, bk, stages, interpret, stage_in_smem, segments, lists=False, ws=False):
   """dq [B, Tp, Hq, D]: a CTA per (query rows, query head, batch) walks the key tiles those rows
-  see (bq rows, or WS_WARPGROUPS x bq with ws, one compute warpgroup per bq)."""
+  see (bq rows, or WS_WARPGROUPS x bq with ws, one compute warpgroup per bq). gates: as in
+  _forward."""
   b, tp, hq, d = q.shape
   sp, hkv = k.shape[1], k.shape[2]
   group = hq // hkv
@@ -385,7 +421,8 @@ def _dq(q, k, v, do, lse, delta, q_seg, k_seg, ranges=None, *, causal, window, s
                                         causal=causal, window=window, segments=segments)
 
   def kernel(q_gmem, k_gmem, v_gmem, do_gmem, lse_gmem, delta_gmem, qseg_gmem, kseg_gmem, *rest):
-    ranges_gmem, (dq_gmem, q_smem, do_smem, barrier, *ds_smem) = _split(rest, ranges)
+    ranges_gmem, rest = _split(rest, ranges)
+    gate_gmem, (dq_gmem, q_smem, do_smem, barrier, *ds_smem) = _split_gates(rest, bool(gates))
     qi, h, bi = (jax.lax.axis_index(n) for n in ("q", "h", "b"))
     kvh = h // group
     steps, block_at = _visits(ranges_gmem, lists, bi, h, qi, lambda: _kv_range(
@@ -400,12 +437,15 @@ def _dq(q, k, v, do, lse, delta, q_seg, k_seg, ranges=None, *, causal, window, s
                                     optimized=False)
       return (plgpu.layout_cast(jnp.zeros((bq, d), jnp.float32), wg),
               (rows(lse_gmem), rows(delta_gmem),
-               _query_seg_rows(segments, qseg_gmem, bi, h, q0, bq)))
+               _query_seg_rows(segments, qseg_gmem, bi, h, q0, bq),
+               _gate_rows(gate_gmem, bi, h, q0, bq)))
 
     def body(w, context, step, k_smem, v_smem, acc):
-      lse_rows, delta_rows, q_seg_rows = context
+      lse_rows, delta_rows, q_seg_rows, c_rows = context
       ki = block_at(step)
       s = _smem_product(q_smem.at[w], k_smem, (bq, bk)) * scale
+      if gate_gmem is not None:
+        s = s + _query_major_bias(c_rows, gate_gmem, bi, h, ki * bk, bq, bk)
       keep_fn = lambda: _query_major_mask(first_row(w), ki, q_seg_rows, kseg_gmem.at[bi], bq=bq,
                                           bk=bk, s_len=s_len, causal=causal, window=window)
       p = _unless_whole(whole(first_row(w), ki * bk), lambda keep: _masked(
@@ -431,13 +471,15 @@ def _dq(q, k, v, do, lse, delta, q_seg, k_seg, ranges=None, *, causal, window, s
   return _launch(kernel, out_type=jax.ShapeDtypeStruct(q.shape, dtype),
                  grid=(tp // cta_rows, hq, b), grid_names=("q", "h", "b"), scratch=scratch,
                  ws=ws, interpret=interpret)(q, k, v, do, lse, delta, q_seg, k_seg,
-                                             *(() if ranges is None else (ranges,)))
+                                             *(() if ranges is None else (ranges,)), *gates)
 
 
-def _dkv(q, k, v, do, lse, delta, q_seg, k_seg, ranges=None, *, causal, window, scale, s_len, bq,
-         bk, stages, interpret, stage_in_smem, segments, lists=False, ws=False, fused_dq=False):
+def _dkv(q, k, v, do, lse, delta, q_seg, k_seg, ranges=None, gates=(), *, causal, window, scale,
+         s_len, bq, bk, stages, interpret, stage_in_smem, segments, lists=False, ws=False,
+         fused_dq=False):
   """(dk, dv) in the input dtype, written through the k and v tiles' shared memory once done;
-  with fused_dq also dq [B, Tp, Hq, D] fp32 (see below).
+  with gates (as in _forward) also the keys' gate gradient dc_k [B, Hq, Sp] fp32, minus the
+  column sums of dS per query head (see below); with fused_dq also dq [B, Tp, Hq, D] fp32.
   A CTA per (keys, head, batch) walks the query tiles that see those keys (bk keys, or
   WS_WARPGROUPS x bk with ws, one compute warpgroup per bk), on transposed tiles (keys as rows)
   so that both products accumulate on the tensor cores. Without tables the query tiles are the
@@ -452,7 +494,11 @@ def _dkv(q, k, v, do, lse, delta, q_seg, k_seg, ranges=None, *, causal, window, 
   dO V^T (5 matmuls per tile instead of 7). Returned unscaled (times `scale` by the caller).
   Interpret mode has no TMA reduction: there each compute warpgroup adds into its own copy of
   dq by load + store (interpreted CTAs run one at a time, so that is race-free) and the copies
-  are summed."""
+  are summed.
+
+  dc_k: the pipeline walks one query head's tiles after another, so a register vector [bk]
+  sums -dS over the current head's tiles (the rows of the transposed tile) and goes to memory
+  through shared memory when the head's last tile is done, then restarts at zero."""
   b, tp, hq, d = q.shape
   sp, hkv = k.shape[1], k.shape[2]
   group = hq // hkv
@@ -470,10 +516,15 @@ def _dkv(q, k, v, do, lse, delta, q_seg, k_seg, ranges=None, *, causal, window, 
 
   def kernel(q_gmem, k_gmem, v_gmem, do_gmem, lse_gmem, delta_gmem, qseg_gmem, kseg_gmem, *rest):
     ranges_gmem, rest = _split(rest, ranges)
+    gate_gmem, rest = _split_gates(rest, gated)
     dq_acc = None
     if fused_dq:
       dq_acc, *rest = rest
-    dk_gmem, dv_gmem, k_smem, v_smem, barrier, *rest = rest
+    dk_gmem, dv_gmem, *rest = rest
+    dck_gmem, rest = (rest[0], rest[1:]) if gated else (None, rest)
+    k_smem, v_smem, barrier, *rest = rest
+    if gated:
+      *rest, dck_smem = rest
     ds_smem, dq_smem = rest[:2] if fused_dq else (None, None)
     stage_smem = rest[2:] if fused_dq else rest
     ki, hh, bi = (jax.lax.axis_index(n) for n in ("k", "h", "b"))  # hh: the output's head
@@ -493,16 +544,22 @@ def _dkv(q, k, v, do, lse, delta, q_seg, k_seg, ranges=None, *, causal, window, 
       k_seg_rows = (plgpu.load(kseg_gmem.at[bi, pl.ds(k0, bk)], layout=wg.reduce(1),
                                optimized=False) if segments else None)
       zeros = plgpu.layout_cast(jnp.zeros((bk, d), jnp.float32), wg)
-      return (zeros, zeros), k_seg_rows
+      return (zeros, zeros) + ((_dck_zeros(),) if gated else ()), k_seg_rows
+
+    _dck_zeros = lambda: plgpu.layout_cast(jnp.zeros((bk,), jnp.float32), wg.reduce(1))
 
     def body(w, k_seg_rows, step, q_smem, do_smem, carry):
-      dk, dv = carry
+      dk, dv, *dck = carry
       k0 = first_key(w)
       h, qi = head_at(step), tile_at(step)
       cols = lambda ref: jax.lax.broadcast_in_dim(
           plgpu.load(ref.at[bi, h, pl.ds(qi * bq, bq)], layout=wg.reduce(0), optimized=False),
           (bk, bq), [1])
       s_t = _smem_product(k_smem.at[w], q_smem, (bk, bq)) * scale  # [keys, queries]
+      if gated:  # the bias c_q - c_k, transposed: the queries' sums as columns
+        c_rows = plgpu.load(gate_gmem[1].at[bi, h, pl.ds(k0, bk)], layout=wg.reduce(1),
+                            optimized=False)
+        s_t = s_t + (cols(gate_gmem[0]) - jax.lax.broadcast_in_dim(c_rows, (bk, bq), [0]))
 
       def keep_fn():
         k_pos = k0 + plgpu.broadcasted_iota(jnp.int32, (bk, bq), 0, layout=wg)
@@ -520,10 +577,12 @@ def _dkv(q, k, v, do, lse, delta, q_seg, k_seg, ranges=None, *, causal, window, 
                           keep_fn)
       dp_t = _smem_product(v_smem.at[w], do_smem, (bk, bq))
       ds_t = p_t * (dp_t - cols(delta_gmem))
+      if gated:
+        dck = (gate_gradient(w, k0, h, step, dck[0] - ds_t.sum(axis=1)),)
       staging = stage_smem[0].at[w] if stage_smem else None
       dv = dv + _matmul(p_t, do_smem, (bk, d), staging, dtype)
       if not fused_dq:
-        return dk + _matmul(ds_t, q_smem, (bk, d), staging, dtype), dv
+        return (dk + _matmul(ds_t, q_smem, (bk, d), staging, dtype), dv, *dck)
       # dS (keys as rows) goes to shared memory once: the lhs of dk += dS Q as is, and of dq's
       # share dS^T K transposed (wgmma reads a transposed 16-bit lhs from shared memory).
       ds_smem.at[w][...] = ds_t.astype(dtype)
@@ -538,10 +597,22 @@ def _dkv(q, k, v, do, lse, delta, q_seg, k_seg, ranges=None, *, causal, window, 
         dq_smem.at[w][...] = dq_share
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(dq_smem.at[w], rows, reduction_op="add")
-      return dk, dv
+      return (dk, dv, *dck)
+
+    def gate_gradient(w, k0, h, step, dck):
+      """dc_k of head h so far; after the head's last tile it goes to memory, and restarts."""
+      last = step % jnp.maximum(per_head, 1) == per_head - 1
+
+      @pl.when(last)
+      def _store():
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last head's has left dck_smem
+        dck_smem.at[w][...] = dck
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(dck_smem.at[w], dck_gmem.at[bi, h, pl.ds(k0, bk)])
+      return jax.lax.cond(last, _dck_zeros, lambda: dck)
 
     def finish(w, carry):
-      dk, dv = carry
+      dk, dv, *_ = carry
       k_smem.at[w][...] = (dk * scale).astype(dtype)
       v_smem.at[w][...] = dv.astype(dtype)
       plgpu.commit_smem()
@@ -558,6 +629,7 @@ def _dkv(q, k, v, do, lse, delta, q_seg, k_seg, ranges=None, *, causal, window, 
   tile = plgpu.SMEM((n_wg, bk, d), dtype, transforms=transforms)
   scratch = (tile, tile, plgpu.Barrier(num_barriers=n_wg))
   extra = ()
+  gated = bool(gates)
   if fused_dq:
     if ranges is not None:
       raise ValueError("fused_dq takes the causal / window formula, not block tables")
@@ -566,15 +638,17 @@ def _dkv(q, k, v, do, lse, delta, q_seg, k_seg, ranges=None, *, causal, window, 
     extra = (jax.new_ref(jnp.zeros((dq_copies, b, tp, hq, d), jnp.float32)),)
   if stage_in_smem:
     scratch += (plgpu.SMEM((n_wg, bk, bq), dtype, transforms=transforms),)
+  if gated:
+    scratch += (plgpu.SMEM((n_wg, bk), jnp.float32),)
   out_heads = hkv if ranges is None else hq
   out = jax.ShapeDtypeStruct((b, sp, out_heads, d), dtype)
-  dk, dv = _launch(kernel, out_type=(out, out), grid=(sp // cta_keys, out_heads, b),
-                   grid_names=("k", "h", "b"), scratch=scratch, ws=ws,
-                   interpret=interpret)(q, k, v, do, lse, delta, q_seg, k_seg,
-                                        *(() if ranges is None else (ranges,)), *extra)
-  if not fused_dq:
-    return dk, dv
-  return dk, dv, extra[0][...].sum(axis=0)
+  out_type = (out, out) + ((jax.ShapeDtypeStruct((b, hq, sp), jnp.float32),) if gated else ())
+  dk, dv, *dck = _launch(kernel, out_type=out_type, grid=(sp // cta_keys, out_heads, b),
+                         grid_names=("k", "h", "b"), scratch=scratch, ws=ws,
+                         interpret=interpret)(q, k, v, do, lse, delta, q_seg, k_seg,
+                                              *(() if ranges is None else (ranges,)), *gates,
+                                              *extra)
+  return (dk, dv, *dck) + ((extra[0][...].sum(axis=0),) if fused_dq else ())
 
 
 class _Config(StaticConfig):
@@ -583,14 +657,16 @@ class _Config(StaticConfig):
     self.key = tuple(sorted((k, id(v) if k == "interpret" else v) for k, v in kw.items()))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _flash_gpu(q, k, v, segment_ids, tables, cfg):
-  """(out [B, T, Hq, D], lse [B, Hq, T]). tables: None, or a dict of int32 arrays that replace
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _flash_gpu(q, k, v, segment_ids, c, tables, cfg):
+  """(out [B, T, Hq, D], lse [B, Hq, T]). c: None, or the gate sums [B, T, Hq] fp32 of causal
+  self-attention (bias c_i - c_j; not with a table's q_seg). tables: None, or a dict of int32
+  arrays that replace
   the causal / window block ranges: kv_ranges [B, Hq, nq, 2] (each query tile's key blocks)
   and q_ranges [B, Hq, nk, 2] (each key tile's query blocks), or block lists kv_lists
   [B, Hq, nq, 1 + n_max] and q_lists (count, then blocks); and optionally q_seg [B, Hq, T] and
   k_seg [B, S] (then T and S must already be multiples of the tiles; MoBA's routed part)."""
-  return _flash_gpu_fwd(q, k, v, segment_ids, tables, cfg)[0]
+  return _flash_gpu_fwd(q, k, v, segment_ids, c, tables, cfg)[0]
 
 
 def _tables(tables):
@@ -640,24 +716,39 @@ def _kernel_kw(tables, kw) -> dict:
               segments=_has_segments(tables, kw))
 
 
-def _flash_gpu_fwd(q, k, v, segment_ids, tables, cfg):
+def _gate_operands(c, tp, sp):
+  """The gate sums c [B, T, Hq] as the kernels read them: (c_q [B, Hq, Tp], c_k [B, Hq, Sp])
+  fp32, zero padded (padded keys are masked, padded queries dropped); () without gates."""
+  if c is None:
+    return ()
+  c = c.astype(jnp.float32).transpose(0, 2, 1)
+  return tuple(jnp.pad(c, ((0, 0), (0, 0), (0, n - c.shape[2]))) for n in (tp, sp))
+
+
+def _flash_gpu_fwd(q, k, v, segment_ids, c, tables, cfg):
   kw = cfg.kw
   t = q.shape[1]
   qp, kp, vp, q_seg, k_seg = _operands(q, k, v, segment_ids, tables, kw)
+  gates = _gate_operands(c, qp.shape[1], kp.shape[1])
   kv_table, _, lists = _tables(tables)
   common = _kernel_kw(tables, kw)
   if _warp_specialised(tables, kw):
-    o, lse = _forward(qp, kp, vp, q_seg, k_seg, bq=WS_FORWARD_ROWS, bk=kw["bk_ws"], ws=True,
-                      **common)
+    o, lse = _forward(qp, kp, vp, q_seg, k_seg, None, gates, bq=WS_FORWARD_ROWS, bk=kw["bk_ws"],
+                      ws=True, **common)
   else:
-    o, lse = _forward(qp, kp, vp, q_seg, k_seg, kv_table, bq=kw["bq"], bk=kw["bk"], lists=lists,
-                      **common)
-  return (o[:, :t], lse[:, :, :t]), (qp, kp, vp, q_seg, k_seg, tables, o, lse, t, k.shape[1])
+    o, lse = _forward(qp, kp, vp, q_seg, k_seg, kv_table, gates, bq=kw["bq"], bk=kw["bk"],
+                      lists=lists, **common)
+  return (o[:, :t], lse[:, :, :t]), (qp, kp, vp, q_seg, k_seg, gates, tables, o, lse, t,
+                                     k.shape[1])
 
 
 def _flash_gpu_bwd(cfg, res, cotangents):
+  """dq, dk, dv and, gated, dc [B, T, Hq]: (row sums of dS, as query) - (column sums, as key).
+  The row sums need no kernel: softmax's rows sum to 1, so sum_j dS_ij = dlse_i for a row that
+  sees a key (0 for one that sees none), exactly; the column sums come from the dk/dv kernel
+  (either backward)."""
   kw = cfg.kw
-  qp, kp, vp, q_seg, k_seg, tables, o, lse, t, s = res
+  qp, kp, vp, q_seg, k_seg, gates, tables, o, lse, t, s = res
   do, dlse = cotangents
   b, tp, hq, d = qp.shape
   hkv = kp.shape[2]
@@ -670,15 +761,19 @@ def _flash_gpu_bwd(cfg, res, cotangents):
   args = (qp, kp, vp, do_p, lse, delta, q_seg, k_seg)
   kv_table, q_table, lists = _tables(tables)
   if _fused_backward(tables, kw, d):
-    dk, dv, dq = _dkv(*args, fused_dq=True, **common)
+    dk, dv, *dck, dq = _dkv(*args, None, gates, fused_dq=True, **common)
     dq = (dq * kw["scale"]).astype(qp.dtype)
   else:
-    dq = _dq(*args, kv_table, lists=lists, **common)
-    dk, dv = _dkv(*args, q_table, lists=lists, **common)
+    dq = _dq(*args, kv_table, gates, lists=lists, **common)
+    dk, dv, *dck = _dkv(*args, q_table, gates, lists=lists, **common)
   fold = lambda x: (x if x.shape[2] == hkv else x.astype(jnp.float32).reshape(
       b, -1, hkv, hq // hkv, d).sum(axis=3).astype(kp.dtype))[:, :s]
   no_grad = None if tables is None else jax.tree.map(lambda _: None, tables)
-  return dq[:, :t], fold(dk), fold(dv), None, no_grad
+  dc = None
+  if gates:
+    dc_q = jnp.where(jnp.isfinite(lse[:, :, :t]), dlse.astype(jnp.float32), 0.0)
+    dc = (dc_q + dck[0][:, :, :t]).transpose(0, 2, 1)
+  return dq[:, :t], fold(dk), fold(dv), None, dc, no_grad
 
 
 _flash_gpu.defvjp(_flash_gpu_fwd, _flash_gpu_bwd)
@@ -697,11 +792,14 @@ def _check(q, k, v, block_q, block_k):
 
 
 def flash_attention_gpu(q, k, v, *, causal=True, segment_ids=None, sm_scale=None,
-                        alibi_slopes=None, block_q=64, block_k=64, stages=2, interpret=None,
-                        stage_in_smem=None, window=None, schedule="ws", backward="split"):
+                        alibi_slopes=None, log_gates=None, block_q=64, block_k=64, stages=2,
+                        interpret=None, stage_in_smem=None, window=None, schedule="ws",
+                        backward="split"):
   """Softmax attention on the Mosaic GPU kernels, forward and backward (custom_vjp).
   q [B, T, Hq, D], k/v [B, S, Hkv, D] in bf16/fp16 (fp32 inputs run with bf16 tensor-core
   operands and fp32 accumulation, and come back as fp32), D in 64..256 (a multiple of 64).
+  log_gates [B, T, Hq] / alibi_slopes [Hq]: the forget-gate bias of blockwise_attention (causal
+  self-attention), on every schedule and backward, differentiable in log_gates.
   schedule: "ws" runs every kernel warp-specialised (FlashAttention-3's: per CTA two compute
   warpgroups and a producer warpgroup that streams the tiles by TMA), "one_warpgroup" one
   warpgroup per CTA with a software pipeline. block_q, block_k: each warpgroup's tiles in the
@@ -713,17 +811,17 @@ def flash_attention_gpu(q, k, v, *, causal=True, segment_ids=None, sm_scale=None
   reduce-add; 5 matmuls per tile instead of 7; head dims up to 128, "split" above).
   interpret=plgpu.InterpretGPUParams() runs it on the CPU; stage_in_smem (default: only when
   interpreting) feeds register operands of wgmma through shared memory."""
-  if alibi_slopes is not None:
-    raise ValueError("the Mosaic GPU attention kernel does not take alibi_slopes yet "
-                     "(use impl='reference' or 'xla')")
   if schedule not in SCHEDULES:
     raise ValueError(f"schedule={schedule!r} is not one of {', '.join(SCHEDULES)}")
   if backward not in BACKWARDS:
     raise ValueError(f"backward={backward!r} is not one of {', '.join(BACKWARDS)}")
+  c = kernel_gates(log_gates, alibi_slopes, q, k, segment_ids, causal=causal,
+                   name="the Mosaic GPU attention kernel")
   if q.dtype == jnp.float32 and k.dtype == v.dtype == jnp.float32:
     out = flash_attention_gpu(q.astype(jnp.bfloat16), k.astype(jnp.bfloat16),
                               v.astype(jnp.bfloat16), causal=causal, segment_ids=segment_ids,
-                              sm_scale=sm_scale, block_q=block_q, block_k=block_k, stages=stages,
+                              sm_scale=sm_scale, log_gates=log_gates, alibi_slopes=alibi_slopes,
+                              block_q=block_q, block_k=block_k, stages=stages,
                               interpret=interpret, stage_in_smem=stage_in_smem, window=window,
                               schedule=schedule, backward=backward)
     return out.astype(jnp.float32)
@@ -737,4 +835,4 @@ def flash_attention_gpu(q, k, v, *, causal=True, segment_ids=None, sm_scale=None
                 stage_in_smem=bool(interpret) if stage_in_smem is None else stage_in_smem,
                 schedule=schedule, backward=backward, bk_ws=128 if d <= 128 else 64,
                 segments=segment_ids is not None)
-  return _flash_gpu(q, k, v, segment_ids, None, cfg)[0]
+  return _flash_gpu(q, k, v, segment_ids, c, None, cfg)[0]

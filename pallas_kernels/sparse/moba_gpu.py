@@ -34,7 +34,7 @@ def moba_gpu(q, k, v, *, pattern, segment_ids=None, sm_scale=None, alibi_slopes=
              interpret=None, stage_in_smem=None):
   """MoBA(block_size, top_k) on the Mosaic GPU kernels; q [B, T, Hq, D], k/v [B, T, Hkv, D]."""
   if alibi_slopes is not None:
-    raise ValueError("the Mosaic GPU attention kernel does not take alibi_slopes yet "
+    raise ValueError("the Mosaic GPU MoBA kernels do not take alibi_slopes yet "
                      "(use impl='reference' or 'xla')")
   bm = pattern.block_size
   if bm % TILE:
@@ -54,7 +54,7 @@ def moba_gpu(q, k, v, *, pattern, segment_ids=None, sm_scale=None, alibi_slopes=
   kv_own, q_own = _own_block_ranges(n_tiles, per_block)
   broadcast = lambda x: jnp.broadcast_to(jnp.asarray(x), (b, hq) + x.shape)
   own = {"kv_ranges": broadcast(kv_own), "q_ranges": broadcast(q_own)}
-  o_own, lse_own = _flash_gpu(q, k, v, segment_ids, own, config(True))
+  o_own, lse_own = _flash_gpu(q, k, v, segment_ids, None, own, config(True))
   routes = moba_routing(q, k, block_size=bm, top_k=pattern.top_k, segment_ids=segment_ids)
   if routes.shape[-1] == 0:  # top_k 1: the own block is everything
     return o_own
@@ -80,5 +80,6 @@ def moba_gpu(q, k, v, *, pattern, segment_ids=None, sm_scale=None, alibi_slopes=
   q_routed = jnp.repeat(q_routed, per_block, axis=2)  # per key tile
   routed = {"kv_ranges": kv_routed.astype(jnp.int32), "q_ranges": q_routed.astype(jnp.int32),
             "q_seg": q_seg.astype(jnp.int32), "k_seg": k_seg}
-  og, lseg = _flash_gpu(qg.transpose(0, 2, 1, 3), pad(k), pad(v), None, routed, config(False))
+  og, lseg = _flash_gpu(qg.transpose(0, 2, 1, 3), pad(k), pad(v), None, None, routed,
+                        config(False))
   return merge_parts(o_own, lse_own, og.transpose(0, 2, 1, 3), lseg, dest, routes)

@@ -256,7 +256,7 @@ def _own_block_attention(q, k, v, segment_ids, *, block, tile, scale, interpret)
   keep = dense_block_keep(n, n, tile, tile, True) & (tiles[:, None] == tiles[None, :])
   cfg = _Config(t=t, s=t, bq=tile, bk=tile, causal=True, window=None, scale=scale,
                 interpret=interpret, key=("moba_own", keep.tobytes(), keep.shape))
-  return _flash(q, k, v, segment_ids, _static_lists(keep), cfg)
+  return _flash(q, k, v, segment_ids, None, _static_lists(keep), cfg)
 
 
 def moba_gathered_tpu(q, k, v, *, pattern, segment_ids=None, sm_scale=None, interpret=None,

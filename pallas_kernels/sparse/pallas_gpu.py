@@ -43,7 +43,7 @@ def tile_lists(pattern: BlockMask, t: int, s: int, causal: bool):
 
 def _block_mask(q, k, v, pattern, *, causal, segment_ids, sm_scale, alibi_slopes, interpret):
   if alibi_slopes is not None:
-    raise ValueError("the Mosaic GPU attention kernel does not take alibi_slopes yet "
+    raise ValueError("the Mosaic GPU block-mask kernels do not take alibi_slopes yet "
                      "(use impl='reference' or 'xla')")
   if pattern.block_size % TILE:
     raise ValueError(f"sparse_attention: the Mosaic GPU kernel needs BlockMask block_size a "
@@ -62,4 +62,4 @@ def _block_mask(q, k, v, pattern, *, causal, segment_ids, sm_scale, alibi_slopes
                 s_len=s, bq=TILE, bk=TILE, stages=2, interpret=interpret,
                 stage_in_smem=bool(interpret), segments=segment_ids is not None)
   tables = {"kv_lists": broadcast(kv_lists), "q_lists": broadcast(q_lists)}
-  return _flash_gpu(q, k, v, segment_ids, tables, cfg)[0]
+  return _flash_gpu(q, k, v, segment_ids, None, tables, cfg)[0]

@@ -27,7 +27,7 @@ def sparse_flash_tpu(q, k, v, *, pattern, causal=True, segment_ids=None, sm_scal
                      alibi_slopes=None, interpret=None, block=DEFAULT_BLOCK):
   if isinstance(pattern, MoBA):
     if alibi_slopes is not None:
-      raise ValueError("the Pallas TPU attention kernel does not take alibi_slopes yet "
+      raise ValueError("the Pallas TPU MoBA kernels do not take alibi_slopes yet "
                        "(use impl='reference' or 'xla')")
     return moba_gathered_tpu(q, k, v, pattern=pattern, segment_ids=segment_ids,
                              sm_scale=sm_scale, interpret=interpret,

@@ -12,7 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels._common import cdiv, group_queries, ungroup_queries
-from pallas_kernels.blockwise.reference import alibi_bias, compute_dtype, dense_attention
+from pallas_kernels.blockwise.reference import (cap, compute_dtype, dense_attention,
+                                               softmax_with_sinks)
 from pallas_kernels.sparse.patterns import BlockMask, MoBA, SlidingWindow
 from pallas_kernels.sparse.routing import moba_key_block_mask, moba_routing
 
@@ -52,11 +53,11 @@ def pattern_mask(pattern, q, k, *, segment_ids=None):
 
 
 def sparse_reference(q, k, v, *, pattern, causal=True, segment_ids=None, sm_scale=None,
-                     alibi_slopes=None):
+                     alibi_slopes=None, softcap=None, sinks=None):
   """Dense softmax attention under the pattern's mask (materialises T x S)."""
   mask = pattern_mask(pattern, q, k, segment_ids=segment_ids)
   return dense_attention(q, k, v, causal=causal, segment_ids=segment_ids, sm_scale=sm_scale,
-                         alibi_slopes=alibi_slopes, mask=mask)
+                         alibi_slopes=alibi_slopes, mask=mask, softcap=softcap, sinks=sinks)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -103,23 +104,13 @@ def _blocks(x, bs: int):
   return jnp.moveaxis(x.reshape(b, nb, bs, *x.shape[2:]), 1, 0)
 
 
-def _masked_softmax(logits, keep):
-  """Softmax over the last axis of the kept entries; rows with nothing kept give zeros."""
-  logits = jnp.where(keep, logits, -jnp.inf)
-  m = jnp.max(logits, axis=-1, keepdims=True)
-  m = jnp.where(jnp.isfinite(m), m, 0.0)
-  p = jnp.where(keep, jnp.exp(logits - m), 0.0)
-  l = jnp.sum(p, axis=-1, keepdims=True)
-  return p / jnp.where(l == 0, 1.0, l)
-
-
 def sparse_blockwise(q, k, v, *, pattern, causal=True, segment_ids=None, sm_scale=None,
-                     alibi_slopes=None, block_size=None):
+                     alibi_slopes=None, block_size=None, softcap=None, sinks=None):
   """Attention that only touches the key blocks the pattern keeps."""
   if isinstance(pattern, MoBA):
     if not causal:
       raise ValueError("sparse_attention: MoBA is causal only (causal=False given)")
-    return _moba_gathered(q, k, v, pattern, segment_ids, sm_scale, alibi_slopes)
+    return _moba_gathered(q, k, v, pattern, segment_ids, sm_scale, alibi_slopes, softcap, sinks)
   b, t, hq, d = q.shape
   s, hkv = k.shape[1], k.shape[2]
   ct = compute_dtype(q.dtype)
@@ -131,6 +122,7 @@ def sparse_blockwise(q, k, v, *, pattern, causal=True, segment_ids=None, sm_scal
   k_sel = kb[idx]  # [nq, n_max, B, bs, K, D]
   v_sel = vb[idx]
   logits = jnp.einsum("nbtkgd,nmbskd->nbkgtms", qb, k_sel, preferred_element_type=ct) * scale
+  logits = cap(logits, softcap)
   q_pos = (np.arange(nq)[:, None] * bs + np.arange(bs)[None, :])  # [nq, bs]
   k_pos = idx[:, :, None] * bs + np.arange(bs)[None, None, :]  # [nq, n_max, bs]
   keep = valid[:, None, :, None] & (k_pos[:, None] < s)  # [nq, 1 (queries), n_max, bs]
@@ -152,43 +144,53 @@ def sparse_blockwise(q, k, v, *, pattern, causal=True, segment_ids=None, sm_scal
     logits = logits - slopes[None, None, :, :, None, None, None] * dist[:, None, None, None]
   shape = logits.shape  # softmax over every kept key of the query: the (m, s) axes together
   keep = jnp.broadcast_to(keep, shape).reshape(*shape[:-2], -1)
-  p = _masked_softmax(logits.reshape(*shape[:-2], -1), keep).reshape(shape)
+  sink = None if sinks is None else sinks.astype(ct).reshape(hkv, -1)[None, None, :, :, None]
+  p = softmax_with_sinks(logits.reshape(*shape[:-2], -1), keep, sink).reshape(shape)
   o = jnp.einsum("nbkgtms,nmbskd->nbtkgd", p, v_sel.astype(ct))
   o = jnp.moveaxis(o, 0, 1).reshape(b, nq * bs, hkv, hq // hkv, d)[:, :t]
   return ungroup_queries(o).astype(q.dtype)
 
 
-def _moba_gathered(q, k, v, pattern: MoBA, segment_ids, sm_scale, alibi_slopes):
-  """MoBA: each query token gathers its own block and its routed blocks (top_k blocks)."""
+def _moba_gathered(q, k, v, pattern: MoBA, segment_ids, sm_scale, alibi_slopes, softcap=None,
+                   sinks=None):
+  """MoBA, one query block at a time (a lax.scan whose step is rematerialised in the backward):
+  each block's queries score every key [B, Hq, bs, S] and keep their own block (causally) and
+  their routed blocks. Memory is one query block's share of the dense path, never more; the
+  work is the dense path's (the kernels do the routed work only)."""
   b, t, hq, d = q.shape
   s, hkv = k.shape[1], k.shape[2]
   ct = compute_dtype(q.dtype)
   scale = d ** -0.5 if sm_scale is None else sm_scale
   bs = pattern.block_size
+  nq = cdiv(t, bs)
   routes = moba_routing(q, k, block_size=bs, top_k=pattern.top_k, segment_ids=segment_ids)
-  own = jnp.broadcast_to((jnp.arange(t) // bs)[None, :, None, None], (b, t, hq, 1))
-  chosen = jnp.concatenate([own, routes], axis=-1)  # [B, T, Hq, P]
-  valid = chosen >= 0
-  chosen = jnp.maximum(chosen, 0)
-  kb, vb = _blocks(k, bs), _blocks(v, bs)  # [nb, B, bs, Hkv, D]
-  group = hq // hkv
-  kv_head = jnp.arange(hq) // group
-  bi = jnp.arange(b)[:, None, None, None]
-  k_sel = kb[chosen, bi, :, kv_head[None, None, :, None]]  # [B, T, Hq, P, bs, D]
-  v_sel = vb[chosen, bi, :, kv_head[None, None, :, None]]
-  logits = jnp.einsum("bthd,bthpsd->bthps", q.astype(ct), k_sel.astype(ct)) * scale
-  k_pos = chosen[..., None] * bs + jnp.arange(bs)  # [B, T, Hq, P, bs]
-  q_pos = jnp.arange(t)[None, :, None, None, None]
-  keep = valid[..., None] & (k_pos < s) & (k_pos <= q_pos)
-  if segment_ids is not None:
-    seg_k = jnp.pad(segment_ids, ((0, 0), (0, cdiv(s, bs) * bs - s)))
-    seg_sel = jnp.take_along_axis(seg_k[:, None, None, :],
-                                  k_pos.reshape(b, t, hq, -1), axis=-1).reshape(k_pos.shape)
-    keep = keep & (seg_sel == segment_ids[:, :, None, None, None])
-  if alibi_slopes is not None:
-    logits = logits - alibi_slopes.astype(ct)[None, None, :, None, None] * (
-        q_pos - k_pos).astype(ct)
-  shape = logits.shape
-  p = _masked_softmax(logits.reshape(*shape[:3], -1), keep.reshape(*shape[:3], -1))
-  o = jnp.einsum("bthx,bthxd->bthd", p, v_sel.reshape(*shape[:3], -1, d).astype(ct))
+  seg = jnp.zeros((b, t), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
+  key_block = jnp.arange(s) // bs  # [S]
+  k_pos = jnp.arange(s)
+
+  def one_block(qb, rb, sb, pos):
+    """qb [B, bs, Hq, D], rb [B, bs, Hq, P], sb [B, bs], pos [bs] -> [B, bs, Hq, D]."""
+    logits = cap(jnp.einsum("btkgd,bskd->btkgs", group_queries(qb, hkv).astype(ct),
+                            k.astype(ct)).reshape(b, bs, hq, s) * scale, softcap)
+    own = (key_block[None, :] == (pos // bs)[:, None])[None, :, None, :]  # [1, bs, 1, S]
+    routed = jnp.any(rb[..., None] == key_block, axis=-2)  # [B, bs, Hq, S]
+    keep = (own | routed) & (k_pos[None, :] <= pos[:, None])[None, :, None, :]
+    keep = keep & (sb[:, :, None, None] == seg[:, None, None, :])
+    if alibi_slopes is not None:
+      logits = logits - alibi_slopes.astype(ct)[None, None, :, None] * (
+          pos[:, None] - k_pos[None, :]).astype(ct)[None, :, None, :]
+    sink = None if sinks is None else sinks.astype(ct)[None, None, :]
+    p = softmax_with_sinks(logits, keep, sink)
+    o = jnp.einsum("bths,bshd->bthd", p, jnp.repeat(v.astype(ct), hq // hkv, axis=2))
+    return o
+
+  pad = nq * bs - t
+  pad_t = lambda x, value=0: jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2),
+                                     constant_values=value)
+  blocks = lambda x: jnp.moveaxis(x.reshape(b, nq, bs, *x.shape[2:]), 1, 0)
+  xs = (blocks(pad_t(q)), blocks(pad_t(routes, -1)), blocks(pad_t(seg, -1)),
+        jnp.arange(nq * bs).reshape(nq, bs))
+  step = jax.checkpoint(lambda carry, x: (carry, one_block(*x)))
+  _, o = jax.lax.scan(step, None, xs)  # [nq, B, bs, Hq, D]
+  o = jnp.moveaxis(o, 0, 1).reshape(b, nq * bs, hq, d)[:, :t]
   return o.astype(q.dtype)

@@ -21,6 +21,13 @@ class Context:
   dims: Any  # lmtrain.model.dims.ModelDims
   seq_len: int
   impl: str
+  dtype: str = "float32"  # model.dtype, the compute dtype the kernels see
+
+  @property
+  def backend(self) -> str:
+    """The JAX backend an explicit impl would run on (asked only when it matters)."""
+    import jax
+    return jax.default_backend()
 
   def fail(self, field: str, value, message: str) -> typing.NoReturn:
     raise ConfigError(f"model.attention.{self.kind}.{field}={value!r} {message}")
@@ -122,23 +129,31 @@ class Mixer(nnx.Module):
 
   @classmethod
   def check(cls, options, ctx: Context) -> None:
-    """Every check of the options in this model; raises ConfigError (one line)."""
+    """Every check of the options in this model; raises ConfigError (one line). An explicit impl
+    must take the call (`capability`), so it fails here rather than inside a trace."""
     options.validate(ctx)
-    if ctx.impl in ("pallas", "interpret", "interpret_gpu"):
-      import importlib
+    if ctx.impl in ("auto", "reference", "xla"):
+      return
+    why = cls.capability(options, ctx)
+    if why:
+      raise ConfigError(f"model.attention.impl={ctx.impl!r} cannot run attention kind "
+                        f"{cls.kind!r}: {why}")
 
-      import jax
-      for family in cls.kernel_families:
-        api = importlib.import_module(f"pallas_kernels.{family}.api")
-        if api.kernel_for(ctx.impl) is None:
-          raise ConfigError(
-              f"model.attention.impl={ctx.impl!r}: pallas_kernels.{family} has no such kernel "
-              f"for backend {jax.default_backend()!r} yet (needed by attention kind {cls.kind!r})")
-      if not cls.kernel_families:
-        raise ConfigError(f"model.attention.impl={ctx.impl!r}: attention kind {cls.kind!r} has "
-                          "no Pallas kernel yet (impl='auto', 'xla' or 'reference' run it)")
-    if ctx.impl == "cudnn" and "cudnn" not in cls.extra_impls():
-      raise ConfigError(f"model.attention.impl='cudnn' does not run attention kind {cls.kind!r}")
+  @classmethod
+  def capability(cls, options, ctx: Context) -> str | None:
+    """None when ctx.impl takes this kind's calls, else why not. Default: the impl must exist
+    in every pallas_kernels family the kind calls (`kernel_families`); the families' mixers
+    ask pallas_kernels.capabilities with the exact call."""
+    import importlib
+    if ctx.impl == "cudnn":
+      return None if "cudnn" in cls.extra_impls() else "cuDNN runs softmax attention only"
+    if not cls.kernel_families:
+      return "it has no Pallas kernel (impl auto, xla or reference run it)"
+    for family in cls.kernel_families:
+      api = importlib.import_module(f"pallas_kernels.{family}.api")
+      if api.kernel_for(ctx.impl) is None:
+        return f"pallas_kernels.{family} has no such kernel for backend {ctx.backend!r} yet"
+    return None
 
   @classmethod
   def extra_impls(cls) -> tuple[str, ...]:

@@ -47,13 +47,18 @@ class BlockSparse(SoftmaxFamily):
     pattern = pallas_kernels.BlockMask(self.options.block_size, self.options.mask(q.shape[1]))
     return pallas_kernels.sparse_attention(q, k, v, pattern=pattern, causal=True,
                                            segment_ids=segment_ids,
-                                           alibi_slopes=self.alibi_slopes(), impl=self.impl)
+                                           alibi_slopes=self.alibi_slopes(), impl=self.impl,
+                                           **self.options.attention_kwargs(self))
 
   def decode_mask(self, q_BHD, k_BSKD, key_pos_BS, position_B):
     bs = self.options.block_size
     mask = jnp.asarray(self.options.mask(k_BSKD.shape[1]))  # [nb, nb] over the cache length
     blocks = mask[(position_B // bs)[:, None], jnp.maximum(key_pos_BS, 0) // bs]  # [B, S]
     return super().decode_mask(q_BHD, k_BSKD, key_pos_BS, position_B) & blocks[:, None]
+
+  @classmethod
+  def sparse_pattern(cls, options):
+    return "blocks", options.block_size
 
   @classmethod
   def pairs(cls, options, t):

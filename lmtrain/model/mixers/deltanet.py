@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 import pallas_kernels
+from pallas_kernels import capabilities
 from lmtrain.model.layers import normal_init
 from lmtrain.model.mixers import register
 from lmtrain.model.mixers.linear import LinearFamily, LinearLayerOptions
@@ -75,6 +76,10 @@ class DeltaNet(LinearFamily):
   def __call__(self, x_BTD, positions_BT, segment_ids_BT):
     del positions_BT
     return self._forward(x_BTD, segment_ids_BT)[0]
+
+  @classmethod
+  def capability(cls, options, ctx):
+    return capabilities.delta(ctx.impl)
 
   @classmethod
   def forward_flops(cls, options, dims, seq_len):

@@ -29,8 +29,9 @@ from lmtrain.model import positions as pos
 from lmtrain.model.layers import HeadRMSNorm, normal_init
 from lmtrain.model.mixers import register
 from lmtrain.model.mixers.base import Context, Mixer, MixerOptions
-from lmtrain.model.mixers.softmax import PALLAS_IMPLS, cached_attention
 from lmtrain.config_error import ConfigError
+from lmtrain.model.mixers.softmax import cached_attention
+from pallas_kernels import capabilities
 
 
 def lambda_init(layer: int) -> float:
@@ -141,11 +142,10 @@ class Diff(Mixer):
     return 6.0 * dims.num_heads * dims.head_dim * seq_len * (seq_len + 1) / 2
 
   @classmethod
-  def check(cls, options, ctx):
-    super().check(options, ctx)
-    if ctx.impl in PALLAS_IMPLS and 2 * ctx.dims.head_dim not in (64, 128, 256):
-      raise ConfigError(f"model.attention.impl={ctx.impl!r}: diff runs the kernels at twice the "
-                        f"head dim ({2 * ctx.dims.head_dim}), which they do not take")
+  def capability(cls, options, ctx):
+    # both maps run as one call at twice the head dim (q and k zero-padded to the values')
+    return capabilities.blockwise(ctx.impl, backend=ctx.backend, dtype=ctx.dtype,
+                                  head_dim=2 * ctx.dims.head_dim)
 
   # -- decoding: the KV cache of both maps' keys and the values ------------------------------
 

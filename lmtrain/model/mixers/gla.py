@@ -19,12 +19,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lmtrain.config_error import ConfigError
 from lmtrain.model.layers import normal_init
 from lmtrain.model.mixers import register
 from lmtrain.model.mixers.linear import LinearFamily, LinearLayerOptions
-
-PALLAS_IMPLS = ("pallas", "interpret", "interpret_gpu")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,9 +81,4 @@ class GLA(LinearFamily):
     extra = seq_len * dims.num_heads * (options.chunk_size + 1) / 2 * dk
     return super().forward_flops(options, dims, seq_len) + extra
 
-  @classmethod
-  def check(cls, options, ctx):
-    if ctx.impl in PALLAS_IMPLS:
-      raise ConfigError(f"model.attention.impl={ctx.impl!r}: the Pallas linear-attention kernels "
-                        "take scalar decay only, not gla's per-key-dimension gates (use auto or xla)")
-    super().check(options, ctx)
+  per_dim_gates = True

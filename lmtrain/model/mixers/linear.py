@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 import pallas_kernels
+from pallas_kernels import capabilities
 from lmtrain.model.layers import HeadRMSNorm, ShortConv, normal_init
 from lmtrain.model.mixers import register
 from lmtrain.model.mixers.base import Context, Mixer, MixerOptions
@@ -205,6 +206,14 @@ class LinearFamily(Mixer):
     return self.o_proj(o_BTHD.astype(self.dtype))
 
   # -- declarations ---------------------------------------------------------------------------
+
+  per_dim_gates: bool = False  # gates per key dimension (GLA): the jnp chunked form only
+
+  @classmethod
+  def capability(cls, options, ctx):
+    dk, _ = cls.head_dims(ctx.dims, options)
+    return capabilities.linear(ctx.impl, backend=ctx.backend, dtype=ctx.dtype, head_dim=dk,
+                               chunk_size=options.chunk_size, per_dim_gates=cls.per_dim_gates)
 
   @classmethod
   def forward_flops(cls, options, dims, seq_len: int) -> float:

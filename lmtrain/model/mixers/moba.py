@@ -40,7 +40,8 @@ class MoBA(SoftmaxFamily):
     pattern = pallas_kernels.MoBA(self.options.block_size, self.options.top_k)
     return pallas_kernels.sparse_attention(q, k, v, pattern=pattern, causal=True,
                                            segment_ids=segment_ids,
-                                           alibi_slopes=self.alibi_slopes(), impl=self.impl)
+                                           alibi_slopes=self.alibi_slopes(), impl=self.impl,
+                                           **self.options.attention_kwargs(self))
 
   def decode_mask(self, q_BHD, k_BSKD, key_pos_BS, position_B):
     """The own block up to the query, plus the top_k - 1 past blocks whose mean key scores
@@ -67,6 +68,10 @@ class MoBA(SoftmaxFamily):
     in_chosen = jnp.take_along_axis(chosen, jnp.broadcast_to(key_block[:, None], (b, hq, s_len)),
                                     axis=-1)
     return super().decode_mask(q_BHD, k_BSKD, key_pos_BS, position_B) & in_chosen
+
+  @classmethod
+  def sparse_pattern(cls, options):
+    return "moba", options.block_size
 
   @classmethod
   def pairs(cls, options, t):

@@ -16,11 +16,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from lmtrain.config_error import ConfigError
 from lmtrain.model.mixers import register
-from lmtrain.model.mixers.softmax import (PALLAS_IMPLS, SoftmaxFamily, SoftmaxOptions,
-                                          cached_attention)
+from lmtrain.model.mixers.softmax import SoftmaxFamily, SoftmaxOptions, cached_attention
 from pallas_kernels._common import group_queries, segment_starts
+from pallas_kernels.blockwise.reference import cap, softmax_with_sinks
 
 
 def selection(logits0_BTS, keep_BTS, starts_BT):
@@ -46,17 +45,17 @@ class Selective(SoftmaxFamily):
     b, t, hq, d = q.shape
     ct = jnp.promote_types(q.dtype, jnp.float32)
     hkv = k.shape[2]
-    logits = jnp.einsum("btkgd,bskd->bkgts", group_queries(q, hkv).astype(ct),
-                        k.astype(ct)).reshape(b, hq, t, t) * d ** -0.5
+    logits = cap(jnp.einsum("btkgd,bskd->bkgts", group_queries(q, hkv).astype(ct),
+                            k.astype(ct)).reshape(b, hq, t, t) * d ** -0.5, self.options.softcap)
     seg = jnp.ones((b, t), jnp.int32) if segment_ids is None else segment_ids
     keep = jnp.tril(jnp.ones((t, t), bool))[None] & (seg[:, :, None] == seg[:, None, :])
     if self.alibi is not None:
       dist = (jnp.arange(t)[:, None] - jnp.arange(t)[None, :]).astype(ct)
       logits = logits - self.alibi_slopes().astype(ct)[None, :, None, None] * dist
     f = selection(logits[:, 0], keep, segment_starts(seg))
-    logits = jnp.where(keep[:, None], logits - f[:, None], -jnp.inf)
-    p = jax.nn.softmax(logits, axis=-1)
-    p = jnp.where(keep[:, None], p, 0.0)
+    sinks = self.options.attention_kwargs(self).get("sinks")
+    sink = None if sinks is None else sinks.astype(ct)[None, :, None]
+    p = softmax_with_sinks(logits - f[:, None], keep[:, None], sink)
     o = jnp.einsum("bkgts,bskd->btkgd", p.reshape(b, hkv, hq // hkv, t, t), v.astype(ct))
     return o.reshape(b, t, hq, -1).astype(q.dtype)
 
@@ -70,13 +69,8 @@ class Selective(SoftmaxFamily):
     return (4.0 * dims.num_heads * dims.head_dim + 3.0) * cls.pairs(options, seq_len)
 
   @classmethod
-  def check(cls, options, ctx):
-    if ctx.impl in PALLAS_IMPLS:
-      raise ConfigError(f"model.attention.impl={ctx.impl!r}: attention kind 'selective' has no "
-                        "Pallas kernel (it runs an O(T^2) jnp path; use auto, xla or reference)")
-    if ctx.impl == "cudnn":
-      raise ConfigError("model.attention.impl='cudnn' does not run attention kind 'selective'")
-    options.validate(ctx)
+  def capability(cls, options, ctx):
+    return "it runs an O(T^2) jnp path, no kernel (impl auto, xla or reference run it)"
 
   # -- decoding: the KV cache plus F's running sum per cached key ----------------------------
 
@@ -92,8 +86,9 @@ class Selective(SoftmaxFamily):
     # F after the prompt: every prompt query's selection, summed (queries past the prompt are
     # padding and contribute nothing)
     b, t = x_BTD.shape[:2]
-    logits0 = jnp.einsum("btd,bsd->bts", q[:, :, 0].astype(jnp.float32),
-                         k[:, :, 0].astype(jnp.float32)) * q.shape[-1] ** -0.5
+    logits0 = cap(jnp.einsum("btd,bsd->bts", q[:, :, 0].astype(jnp.float32),
+                             k[:, :, 0].astype(jnp.float32)) * q.shape[-1] ** -0.5,
+                  self.options.softcap)
     if self.alibi is not None:
       logits0 = logits0 - self.alibi[0] * (jnp.arange(t)[:, None] - jnp.arange(t)[None, :])
     valid = jnp.arange(t)[None, :] < lengths_B[:, None]
@@ -118,10 +113,12 @@ class Selective(SoftmaxFamily):
     if self.alibi is not None:
       dist = (position_B[:, None] - key_pos).astype(jnp.float32)
       bias = bias - self.alibi_slopes()[None, :, None] * dist[:, None]
-    o = cached_attention(q[:, 0], keys, values, allowed, bias=bias)
+    o = cached_attention(q[:, 0], keys, values, allowed, bias=bias,
+                         **self.options.attention_kwargs(self))
     # this query's selection joins F for the queries after it
-    logit0 = jnp.einsum("bd,bsd->bs", q[:, 0, 0].astype(jnp.float32),
-                        keys[:, :, 0].astype(jnp.float32)) * q.shape[-1] ** -0.5
+    logit0 = cap(jnp.einsum("bd,bsd->bs", q[:, 0, 0].astype(jnp.float32),
+                            keys[:, :, 0].astype(jnp.float32)) * q.shape[-1] ** -0.5,
+                 self.options.softcap)
     if self.alibi is not None:
       logit0 = logit0 - self.alibi[0] * (position_B[:, None] - key_pos)
     sel = jnp.where(allowed[:, 0] & (key_pos > 0) & (key_pos != position_B[:, None]),

@@ -35,7 +35,8 @@ class SlidingWindow(SoftmaxFamily):
   def attend(self, q, k, v, segment_ids):
     return pallas_kernels.sparse_attention(
         q, k, v, pattern=pallas_kernels.SlidingWindow(self.options.window), causal=True,
-        segment_ids=segment_ids, alibi_slopes=self.alibi_slopes(), impl=self.impl)
+        segment_ids=segment_ids, alibi_slopes=self.alibi_slopes(), impl=self.impl,
+        **self.options.attention_kwargs(self))
 
   # -- decoding: a ring buffer of the last `window` keys and values (memory independent of the
   # generated length) --------------------------------------------------------------------------
@@ -72,6 +73,10 @@ class SlidingWindow(SoftmaxFamily):
   def decode_mask(self, q_BHD, k_BSKD, key_pos_BS, position_B):
     near = position_B[:, None] - key_pos_BS < self.options.window
     return (super().decode_mask(q_BHD, k_BSKD, key_pos_BS, position_B) & near[:, None])
+
+  @classmethod
+  def sparse_pattern(cls, options):
+    return "window", None
 
   @classmethod
   def pairs(cls, options, t):

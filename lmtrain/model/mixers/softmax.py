@@ -9,6 +9,12 @@ default:
   - output_gate: o * sigmoid(x W_g) per head and channel before the output projection, the
     gated attention of Qwen3-Next (Qiu et al., 2025, "Gated Attention for Large Language
     Models");
+  - sinks: a learned logit per head in every softmax denominator, a key with no value (gpt-oss,
+    OpenAI 2025; Xiao et al., 2024, "Efficient Streaming Language Models with Attention
+    Sinks"), initialised to 0;
+  - softcap: logits capped as softcap * tanh(q.k / sqrt(d) / softcap) (Gemma 2, Gemma Team,
+    2024; 50 there), 0 = off.
+Soft-capping and sinks run on the jnp paths of pallas_kernels (the kernels refuse them).
 """
 from __future__ import annotations
 
@@ -19,14 +25,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 import pallas_kernels
-from lmtrain.config_error import ConfigError
+from pallas_kernels import capabilities
+from pallas_kernels.blockwise.reference import cap, softmax_with_sinks
 from lmtrain.model import positions as pos
 from lmtrain.model.layers import HeadRMSNorm, normal_init
 from lmtrain.model.mixers import register
 from lmtrain.model.mixers.base import Context, Mixer, MixerOptions
 
 POSITIONS = ("rope", "alibi", "none")
-PALLAS_IMPLS = ("pallas", "interpret", "interpret_gpu")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +41,8 @@ class SoftmaxOptions(MixerOptions):
   rope_theta: float = 10000.0
   qk_norm: bool = False  # RMSNorm of q and k per head, before RoPE
   output_gate: bool = False  # o * sigmoid(x W_g), per head and channel
+  sinks: bool = False  # a learned sink logit per head in the softmax denominator
+  softcap: float = 0.0  # cap * tanh(logit / cap); 0 = off
 
   def validate(self, ctx: Context) -> None:
     ctx.one_of(self, "position", POSITIONS)
@@ -42,6 +50,21 @@ class SoftmaxOptions(MixerOptions):
       ctx.fail("position", self.position, f"needs an even head dim; got {ctx.dims.head_dim}")
     if not self.rope_theta > 0:
       ctx.fail("rope_theta", self.rope_theta, "must be > 0")
+    if not self.softcap >= 0:
+      ctx.fail("softcap", self.softcap, "must be >= 0 (0 = off)")
+
+  def extras(self) -> bool:
+    """Options only the jnp attention paths take."""
+    return self.sinks or bool(self.softcap)
+
+  def attention_kwargs(self, mixer) -> dict:
+    """softcap / sinks for pallas_kernels (empty when off, so every impl takes the call)."""
+    out = {}
+    if self.softcap:
+      out["softcap"] = self.softcap
+    if self.sinks:
+      out["sinks"] = mixer.sink_logits[...]  # the kernels compute in fp32 (fp64 for fp64)
+    return out
 
 
 class SoftmaxFamily(Mixer):
@@ -69,6 +92,9 @@ class SoftmaxFamily(Mixer):
       self.k_norm = HeadRMSNorm(dh, dtype=dims.compute_dtype, eps=1e-6, rngs=rngs)
     if options.output_gate:
       self.g_proj = proj((h, self.value_dim(dims)), ("embed", "heads", "head_dim"))
+    if options.sinks:
+      self.sink_logits = nnx.Param(nnx.with_partitioning(nnx.initializers.zeros_init(),
+                                                         ("heads",))(rngs.params(), (h,)))
 
   def value_dim(self, dims) -> int:
     return dims.head_dim
@@ -140,14 +166,15 @@ class SoftmaxFamily(Mixer):
     o = self.decode_attention(q[:, 0], keys, values, key_pos, position_B)
     return self.finish(o[:, None], x_BD[:, None])[:, 0], cache
 
-  def decode_attention(self, q_BHD, k_BSKD, v_BSKD, key_pos_BS, position_B):
+  def decode_attention(self, q_BHD, k_BSKD, v_BSKD, key_pos_BS, position_B, bias=None):
     """One query per row over the cache entries the kind allows."""
-    bias = None
     if self.alibi is not None:
       dist = (position_B[:, None] - key_pos_BS).astype(jnp.float32)
-      bias = -self.alibi_slopes()[None, :, None] * dist[:, None]
+      alibi = -self.alibi_slopes()[None, :, None] * dist[:, None]
+      bias = alibi if bias is None else bias + alibi
     allowed = self.decode_mask(q_BHD, k_BSKD, key_pos_BS, position_B)
-    return cached_attention(q_BHD, k_BSKD, v_BSKD, allowed, bias=bias)
+    return cached_attention(q_BHD, k_BSKD, v_BSKD, allowed, bias=bias,
+                            **self.options.attention_kwargs(self))
 
   # -- declarations ---------------------------------------------------------------------------
 
@@ -158,15 +185,23 @@ class SoftmaxFamily(Mixer):
 
   @classmethod
   def forward_flops(cls, options, dims, seq_len: int) -> float:
-    # q.k and p.v: 2 FLOPs per multiply-add, head_dim each, per attended pair and head
-    return 4.0 * dims.num_heads * dims.head_dim * cls.pairs(options, seq_len)
+    # q.k and p.v: 2 FLOPs per multiply-add, head_dim each, per attended pair and head; a
+    # soft-cap adds a division, a tanh and a product per pair
+    per_pair = 4.0 * dims.head_dim + (3.0 if options.softcap else 0.0)
+    return per_pair * dims.num_heads * cls.pairs(options, seq_len)
 
   @classmethod
-  def check(cls, options, ctx: Context) -> None:
-    super().check(options, ctx)
-    if ctx.impl in PALLAS_IMPLS and options.position == "alibi":
-      raise ConfigError(f"model.attention.impl={ctx.impl!r}: the Pallas attention kernels do not "
-                        f"take model.attention.{cls.kind}.position='alibi' yet")
+  def sparse_pattern(cls, options) -> tuple[str, int | None]:
+    """(pattern name, block size) for pallas_kernels.capabilities.sparse."""
+    raise NotImplementedError
+
+  @classmethod
+  def capability(cls, options, ctx: Context) -> str | None:
+    pattern, block_size = cls.sparse_pattern(options)
+    return capabilities.sparse(ctx.impl, backend=ctx.backend, dtype=ctx.dtype,
+                               head_dim=ctx.dims.head_dim, pattern=pattern,
+                               block_size=block_size, alibi=options.position == "alibi",
+                               extras=options.extras())
 
 
 @register
@@ -186,7 +221,8 @@ class Softmax(SoftmaxFamily):
       # context parallelism: the trainer laid the sequence out zigzag over the sequence axis
       return ring_attention(q, k, v, segment_ids, mesh=mesh)
     return pallas_kernels.blockwise_attention(q, k, v, causal=True, segment_ids=segment_ids,
-                                              alibi_slopes=self.alibi_slopes(), impl=self.impl)
+                                              alibi_slopes=self.alibi_slopes(), impl=self.impl,
+                                              **self.options.attention_kwargs(self))
 
   @classmethod
   def pairs(cls, options, t: int) -> float:
@@ -197,32 +233,35 @@ class Softmax(SoftmaxFamily):
     return ("cudnn",)
 
   @classmethod
-  def check(cls, options, ctx: Context) -> None:
-    super().check(options, ctx)
-    if ctx.impl == "cudnn" and options.position == "alibi":
-      raise ConfigError("model.attention.impl='cudnn' does not take "
-                        "model.attention.softmax.position='alibi'")
+  def capability(cls, options, ctx: Context) -> str | None:
+    return capabilities.blockwise(ctx.impl, backend=ctx.backend, dtype=ctx.dtype,
+                                  head_dim=ctx.dims.head_dim, gated=options.position == "alibi",
+                                  extras=options.extras())
 
   @classmethod
   def sequence_parallel_error(cls, options):
     if options.position == "alibi":
       return "ring attention does not take model.attention.softmax.position='alibi'"
+    if options.extras():
+      return "ring attention does not take model.attention.softmax.softcap or sinks"
     return None
 
 
-def cached_attention(q_BHD, k_BSKD, v_BSKD, allowed_BHS, *, bias=None, scale=None):
+def cached_attention(q_BHD, k_BSKD, v_BSKD, allowed_BHS, *, bias=None, scale=None,
+                     softcap=None, sinks=None):
   """Softmax attention of one query per row over S cached keys (GQA groups of query heads share
-  a key/value head), fp32 logits; `allowed` and `bias` broadcast to [B, Hq, S]. Returns
-  [B, Hq, Dv] in q's dtype."""
+  a key/value head), fp32 logits; `allowed` and `bias` broadcast to [B, Hq, S]; softcap and
+  sinks [Hq] as in pallas_kernels.blockwise_attention. Returns [B, Hq, Dv] in q's dtype."""
   b, hq, d = q_BHD.shape
   hkv, dv = k_BSKD.shape[2], v_BSKD.shape[-1]
   ct = jnp.promote_types(q_BHD.dtype, jnp.float32)
   scale = d ** -0.5 if scale is None else scale
   qg = q_BHD.reshape(b, hkv, hq // hkv, d).astype(ct)
   logits = jnp.einsum("bkgd,bskd->bkgs", qg, k_BSKD.astype(ct)).reshape(b, hq, -1) * scale
+  logits = cap(logits, softcap)
   if bias is not None:
     logits = logits + bias.astype(ct)
-  logits = jnp.where(jnp.broadcast_to(allowed_BHS, logits.shape), logits, -jnp.inf)
-  p = jax.nn.softmax(logits, axis=-1)
+  sink = None if sinks is None else sinks.astype(ct)[None, :]
+  p = softmax_with_sinks(logits, jnp.broadcast_to(allowed_BHS, logits.shape), sink)
   o = jnp.einsum("bkgs,bskd->bkgd", p.reshape(b, hkv, hq // hkv, -1), v_BSKD.astype(ct))
   return o.reshape(b, hq, dv).astype(q_BHD.dtype)
