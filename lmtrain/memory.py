@@ -1,7 +1,7 @@
 """Where the train step's memory goes, before launching:
 
   python -m lmtrain.memory --config configs/gpt125m.py [--config.* overrides]
-      [--lengths 4096,16384,32768,65536] [--batch_size 1]
+      [--lengths 4096,16384,32768,65536] [--batch_size 1] [--time_steps 3]
 
 Compiles the train step ahead of time at each sequence length (no training, no data: the state
 and the batch are abstract) for this backend's devices on the config's mesh, and prints per
@@ -12,8 +12,8 @@ The floor is what a step must hold besides parameters and optimizer state: the f
 (parameter-sized), the residual stream kept at every block boundary (L x T x d_model in the
 compute dtype: what train.remat=full keeps), one layer's working set while it is recomputed
 (normed inputs, q/k/v, attention output and softmax statistics, and the MLP's hidden for one
-train.mlp_chunk of tokens) and one chunk of logits with its gradient. "Per token" divides what is left of the temporaries after the
-gradients by the tokens of the step.
+train.mlp_chunk of tokens) and one chunk of logits with its gradient. "Per token" divides what
+is left of the temporaries after the gradients by the tokens of the step.
 """
 from __future__ import annotations
 
@@ -26,7 +26,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import app, flags
-from ml_collections import config_flags
 
 from lmtrain import cli, parallel
 
@@ -36,12 +35,14 @@ _FLAGS = {}
 def _define_flags() -> None:
   """The command's flags, defined only when it runs (the trainer imports this module for its
   start-up line and defines its own --config)."""
-  _FLAGS["config"] = config_flags.DEFINE_config_file(
-      "config", None, "Config file, e.g. configs/gpt125m.py", lock_config=True)
+  _FLAGS["config"] = cli.CONFIG  # shared by every entry point
   _FLAGS["lengths"] = flags.DEFINE_string(
       "lengths", "", "Comma list of sequence lengths (default: data.seq_len x 1, 4, 8, 16).")
   _FLAGS["batch_size"] = flags.DEFINE_integer(
       "batch_size", 0, "Rows per step (default: data.batch_size).")
+  _FLAGS["time_steps"] = flags.DEFINE_integer(
+      "time_steps", 0, "Also run the compiled step this many times (after one warm-up) on a "
+      "real state and a constant batch, and print the median seconds per step.")
 
 
 def fmt_bytes(n: float) -> str:
@@ -89,6 +90,25 @@ def compile_train_step(trainer, cfg, mesh):
   return compiled, abstract, shardings
 
 
+def time_step(trainer, cfg, compiled, shardings, steps: int) -> float:
+  """Median seconds of `steps` runs of the compiled step (after one warm-up) from a freshly
+  initialised state on a constant batch: one document per row, every token scored."""
+  from lmtrain.data.pipeline import BATCH_KEYS
+  state = jax.jit(trainer.init_state, static_argnums=0, out_shardings=shardings)(cfg.train.seed)
+  shape = (cfg.data.batch_size, cfg.data.seq_len)
+  ones = {"segment_ids", "loss_mask"}
+  batch = {k: jnp.ones(shape, jnp.int32) if k in ones else
+           (jnp.broadcast_to(jnp.arange(shape[1], dtype=jnp.int32), shape) if k == "positions"
+            else jnp.zeros(shape, jnp.int32)) for k in BATCH_KEYS}
+  times = []
+  for _ in range(steps + 1):
+    t0 = time.perf_counter()
+    state, metrics = compiled(state, batch)
+    jax.block_until_ready(metrics)
+    times.append(time.perf_counter() - t0)
+  return float(np.median(times[1:]))
+
+
 def floor(cfg, mesh_shape: dict, params_bytes: int) -> dict:
   """The analytic floor of the temporaries per device (see the module docstring), in bytes."""
   from lmtrain.model import loss as loss_lib
@@ -109,9 +129,10 @@ def floor(cfg, mesh_shape: dict, params_bytes: int) -> dict:
           "layer": layer, "logits": logits, "tokens": tokens, "chunk": chunk}
 
 
-def measure(raw_cfg, length: int, batch_size: int = 0) -> dict:
+def measure(raw_cfg, length: int, batch_size: int = 0, time_steps: int = 0) -> dict:
   """Compiles the train step of `raw_cfg` (unresolved: sizes derived from the length are
-  resolved for each) at sequence `length` and returns the per-device numbers in bytes."""
+  resolved for each) at sequence `length` and returns the per-device numbers in bytes (and
+  with time_steps, the median seconds per step)."""
   from lmtrain import config as config_lib
   from lmtrain.trainer import Trainer
   c = ml_collections.ConfigDict(raw_cfg.to_dict())
@@ -136,7 +157,9 @@ def measure(raw_cfg, length: int, batch_size: int = 0) -> dict:
           "per_token": (temps - fl["gradients"]) / fl["tokens"],
           "floor_per_token": (floor_total - fl["gradients"]) / fl["tokens"],
           "loss_chunk": fl["chunk"], "compile_seconds": seconds,
-          "hlo_bytes": len(compiled.as_text() or "")}
+          "hlo_bytes": len(compiled.as_text() or ""),
+          "step_seconds": (time_step(trainer, cfg, compiled, shardings, time_steps)
+                           if time_steps else None)}
 
 
 HEADER = (f"{'length':>8}{'tokens':>9}{'params':>12}{'optimizer':>12}{'temporaries':>14}"
@@ -148,15 +171,17 @@ def row_line(r: dict) -> str:
           f"{fmt_bytes(r['optimizer']):>12}{fmt_bytes(r['temporaries']):>14}"
           f"{fmt_bytes(r['floor']):>12}{fmt_bytes(r['per_token']):>12}"
           f"{fmt_bytes(r['floor_per_token']):>13}{r['loss_chunk']:>12}"
-          f"{r['compile_seconds']:>8.1f}s")
+          f"{r['compile_seconds']:>8.1f}s"
+          + ("" if r.get("step_seconds") is None else f"{r['step_seconds']:>8.2f}s"))
 
 
 def settings_line(cfg) -> str:
   t, m = cfg.train, cfg.model
   return (f"{m.num_layers} layers x d_model {m.d_model}, vocab {m.vocab_size}, {m.dtype}; "
           f"train.remat={t.remat}, train.scan_layers={t.scan_layers}, "
-          f"train.mlp_chunk={t.mlp_chunk}, train.loss_chunk={t.loss_chunk}; backend {jax.default_backend()}, "
-          f"{jax.device_count()} device(s), mesh {dict(parallel.make_mesh(cfg.mesh).shape)}")
+          f"train.mlp_chunk={t.mlp_chunk}, train.loss_chunk={t.loss_chunk}; "
+          f"backend {jax.default_backend()}, {jax.device_count()} device(s), "
+          f"mesh {dict(parallel.make_mesh(cfg.mesh).shape)}")
 
 
 def main(argv):
@@ -192,9 +217,12 @@ def main(argv):
   print("floor = fp32 gradients + residual stream at every block boundary + one layer's "
         "working set + one chunk of logits and its gradient; per token = (temporaries - "
         "gradients) / tokens", flush=True)
-  print(HEADER, flush=True)
+  time_steps = _FLAGS["time_steps"].value
+  if time_steps < 0:
+    cli.fail(f"--time_steps={time_steps} must be >= 0")
+  print(HEADER + (f"{'step':>9}" if time_steps else ""), flush=True)
   for length in lengths:
-    print(row_line(measure(raw, length, batch_flag)), flush=True)
+    print(row_line(measure(raw, length, batch_flag, time_steps)), flush=True)
 
 
 if __name__ == "__main__":

@@ -67,25 +67,25 @@ def test_blockwise_cross_attention_lengths():
   np.testing.assert_allclose(blockwise_attention(q, k, v, causal=False), want, atol=1e-12)
 
 
-@pytest.mark.parametrize("causal", [True, False])
-def test_blockwise_reference_query_tiles_equal_the_naive_float64(causal):
+def test_blockwise_reference_query_tiles_equal_the_naive_float64():
   """Query tiles of 4 (29 queries: the last tile padded) over key blocks of 8, with GQA,
-  packed segments and ALiBi, and a cross-attention length: the float64 naive result; with FoX
-  gates, a soft-cap and sinks too, the same values and gradients (gates and sinks included) as
-  one tile of every query."""
+  packed segments and ALiBi (causal and not), and a cross-attention length: the float64 naive
+  result; causal with FoX gates, a soft-cap and sinks, the same values and gradients (gates and
+  sinks included) as one tile of every query."""
   q, k, v = qkv(hq=4, hkv=2, t=29)
   seg = packed_segments(2, 29)
   slopes = jnp.asarray([0.5, 0.25, 0.125, 0.0625])
   allowed = lambda b, h, t, s: seg[b, t] == seg[b, s]
-  want = naive.softmax_attention(q, k, v, allowed, causal=causal, alibi=np.asarray(slopes))
-  got = blockwise_reference(q, k, v, causal=causal, segment_ids=seg, alibi_slopes=slopes,
-                            block_q=4, block_k=8)
-  np.testing.assert_allclose(got, want, atol=1e-12)
+  for causal in (True, False):
+    want = naive.softmax_attention(q, k, v, allowed, causal=causal, alibi=np.asarray(slopes))
+    got = blockwise_reference(q, k, v, causal=causal, segment_ids=seg, alibi_slopes=slopes,
+                              block_q=4, block_k=8)
+    np.testing.assert_allclose(got, want, atol=1e-12)
   rng = np.random.default_rng(3)
   gates = jnp.asarray(-np.log1p(np.exp(rng.normal(size=(2, 29, 4)))))  # -softplus: <= 0
   sinks = jnp.asarray(rng.normal(size=4))
   r = jnp.asarray(rng.normal(size=q.shape))
-  tiled = lambda bq, *a: blockwise_reference(*a[:3], causal=causal, segment_ids=seg,
+  tiled = lambda bq, *a: blockwise_reference(*a[:3], causal=True, segment_ids=seg,
                                              log_gates=a[3], sinks=a[4], softcap=2.0,
                                              block_q=bq, block_k=8)
   outs = [jax.value_and_grad(lambda *a: jnp.sum(tiled(bq, *a) * r), argnums=(0, 1, 2, 3, 4))(
