@@ -261,7 +261,9 @@ class Checkpointer:
   def _saved_layout(self, step: int) -> int | None:
     """The block layout of the saved parameters: 0 unscanned, else the scan's pattern period
     (None when the checkpoint holds no model parameters)."""
-    saved = stack.find_params(self.manager.item_metadata(step)["state"])
+    meta = self.manager.item_metadata(step)["state"]
+    # orbax's metadata tree is not a dict (newer orbax): its top level as one
+    saved = stack.find_params({k: meta[k] for k in meta.keys()})
     if saved is None:
       return None
     return stack.period_of(saved) if stack.is_scanned(saved) else 0

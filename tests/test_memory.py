@@ -22,8 +22,8 @@ RTOL = 1e-6
 # in about half the time (the numbers agree to well within RTOL)
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 T = 32  # linear kinds run 4 chunks of 8; a loss chunk of 7 does not divide T
-SIZES = {"model.num_heads": 4, "model.num_kv_heads": 2, "model.d_model": 32,
-         "model.mlp_dim": 64, "data.seq_len": T, "data.batch_size": 2}
+SIZES = {"model.num_heads": 4, "model.num_kv_heads": 2, "data.seq_len": T,
+         "data.batch_size": 2}
 # options that make the short test length cross blocks, windows and chunks
 SHORT = {"sliding_window": {"window": 6}, "block_sparse": {"block_size": 8},
          "moba": {"block_size": 8, "top_k": 2}}
@@ -167,12 +167,13 @@ def lowered_size(cfg):
 
 def test_the_scanned_program_does_not_grow_with_depth():
   """What XLA compiles (the lowered train step) for 2 vs 16 layers: about the same with scan
-  (< 1.2x, the issue asks < 2x), 8x-ish without (so the measure does see depth)."""
+  (< 1.2x, the issue asks < 2x); without scan 4 layers already give 1.6x (the measure sees
+  depth)."""
   size = {(scan, n): lowered_size(kind_config("softmax", **{
       "model.num_layers": n, "train.scan_layers": scan, "train.remat": "full"}))
-          for scan in (True, False) for n in (2, 16)}
+          for scan, n in ((True, 2), (True, 16), (False, 2), (False, 4))}
   assert size[True, 16] < 1.2 * size[True, 2], size
-  assert size[False, 16] > 4 * size[False, 2], size
+  assert size[False, 4] > 1.6 * size[False, 2], size
 
 
 def test_full_remat_with_scan_keeps_memory_linear_in_length_and_below_none():
@@ -181,7 +182,7 @@ def test_full_remat_with_scan_keeps_memory_linear_in_length_and_below_none():
   under half of what remat=none keeps at 4k."""
   from lmtrain import memory
   import ml_collections
-  raw = small_config(resolve=False, **{**SIZES, "model.num_layers": 4, "data.batch_size": 1,
+  raw = small_config(resolve=False, **{**SIZES, "model.num_layers": 2, "data.batch_size": 1,
                                        "train.scan_layers": True, "train.remat": "full",
                                        "train.mlp_chunk": 256})
   per_token = [memory.measure(raw, t)["per_token"] for t in (1024, 4096)]
@@ -317,7 +318,8 @@ def test_generation_with_scanned_layers_equals_the_unscanned_model():
 def test_the_memory_command_prints_a_table_per_length_and_rejects_bad_input():
   from tests.conftest import cli_args
   args = cli_args(**{"train.remat": "full", "train.scan_layers": True})
-  proc = run_module("lmtrain.memory", args + ["--lengths", "64,96", "--batch_size", "1"])
+  proc = run_module("lmtrain.memory", args + ["--lengths", "64,96", "--batch_size", "1",
+                                               "--time_steps", "1"])
   assert proc.returncode == 0, proc.stderr
   lines = proc.stdout.strip().splitlines()
   assert "train.remat=full" in lines[0] and "floor" in lines[1]
@@ -325,6 +327,7 @@ def test_the_memory_command_prints_a_table_per_length_and_rejects_bad_input():
   assert header[:7] == ["length", "tokens", "params", "optimizer", "temporaries", "floor", "per"]
   rows = [l.split() for l in lines[3:]]
   assert [r[0] for r in rows] == ["64", "96"] and [r[1] for r in rows] == ["64", "96"]
+  assert header[-1] == "step" and all(float(r[-1].rstrip("s")) > 0 for r in rows)
   for bad, needle in ((["--lengths", "64,x"], "--lengths='64,x'"),):
     proc = run_module("lmtrain.memory", args + bad)
     assert proc.returncode == 2
