@@ -77,6 +77,7 @@ def base_config() -> ml_collections.ConfigDict:
       ppl_window=0, ppl_stride=0, ppl_tokens=32768,  # 0 = seq_len, window // 2
       niah_depths="0,0.25,0.5,0.75,1", niah_samples=4, niah_fillers="synthetic,natural",
       niah_threshold=0.5,
+      niah_mode="teacher_forced",  # or "generate": the answer generated with the decoding cache
       extrapolation_factors="0.25,0.5,1,2,4,8,16", extrapolation_tokens=16384, max_length=0,
       mqar_pairs="4,8,16", mqar_lengths="", mqar_samples=64,
       batch_tokens=16384, seed=0,
@@ -448,6 +449,8 @@ def validate_eval(cfg) -> None:
   for filler in [f.strip() for f in e.niah_fillers.split(",") if f.strip()]:
     if filler not in ("synthetic", "natural"):
       _fail(f"eval.niah_fillers={e.niah_fillers!r} has {filler!r}, not synthetic or natural")
+  if e.niah_mode not in ("teacher_forced", "generate"):
+    _fail(f"eval.niah_mode={e.niah_mode!r} is not one of teacher_forced, generate")
   if not 0.0 <= e.niah_threshold <= 1.0:
     _fail(f"eval.niah_threshold={e.niah_threshold} must be in [0, 1]")
 

@@ -50,7 +50,9 @@ def copy_model_scorer():
         if best_j >= 0:
           logits[r, i, row[best_j + 1]] = 10.0
     return jnp.asarray(logits)
-  return Scorer(apply, jit=False)
+  scorer = Scorer(apply, jit=False)
+  scorer.apply = apply  # for greedy_generate_fn
+  return scorer
 
 
 # ---- known answers ---------------------------------------------------------------------------
@@ -95,6 +97,36 @@ def test_copy_model_scores_100_percent_on_passkey():
                              batch_tokens=1024)
   assert grid["accuracy"] == [[0.0]]
   assert grid["answer_nll"][0][0] == pytest.approx(5 * math.log(258))
+
+
+def greedy_generate_fn(scorer, vocab):
+  """generate_fn for passkey_grid by re-running a scorer's full forward per new token."""
+  def fn(prompts, max_new_tokens):
+    out = []
+    for p in prompts:
+      seq = list(p)
+      for _ in range(max_new_tokens):
+        logits = np.asarray(scorer.apply(None, np.asarray([seq]), None))[0, -1, :vocab]
+        seq.append(int(np.argmax(logits)))
+      out.append(np.asarray(seq[len(p):]))
+    return out
+  return fn
+
+
+def test_generated_answers_are_scored_by_exact_match():
+  copy = copy_model_scorer()
+  grid = needle.passkey_grid(copy, None, TOK, lengths=[160], depths=[0.0, 1.0], samples=2,
+                             filler="synthetic", natural_text=None, seed=0, batch_tokens=1024,
+                             generate_fn=greedy_generate_fn(copy, 258))
+  assert grid["mode"] == "generate"
+  assert grid["accuracy"] == grid["accuracy_teacher_forced"] == [[1.0], [1.0]]
+  # a generator that writes the answer off by one digit scores 0 whatever teacher forcing says
+  def off_by_one(prompts, n):
+    return [np.asarray(g) + 1 for g in greedy_generate_fn(copy, 258)(prompts, n)]
+  grid = needle.passkey_grid(copy, None, TOK, lengths=[160], depths=[0.5], samples=2,
+                             filler="synthetic", natural_text=None, seed=0, batch_tokens=1024,
+                             generate_fn=off_by_one)
+  assert grid["accuracy"] == [[0.0]] and grid["accuracy_teacher_forced"] == [[1.0]]
 
 
 # ---- windows ---------------------------------------------------------------------------------

@@ -140,3 +140,17 @@ def test_the_command_generates_and_rejects_bad_input(tmp_path):
     assert proc.returncode == 2, proc.stderr
     lines = [l for l in proc.stderr.strip().splitlines() if l.strip()]
     assert len(lines) == 1 and needle in lines[0], proc.stderr
+
+
+def test_niah_generate_mode_agrees_with_greedy_teacher_forcing():
+  """eval.niah_mode=generate writes each answer with the cache; for greedy decoding a cell's
+  accuracy must equal the teacher-forced one (a difference would be a cache bug)."""
+  from lmtrain.evals.runner import EvalSuite
+  cfg = small_config("attention=sliding_window", **{
+      "eval.lengths": "128", "eval.niah_samples": 2, "eval.niah_depths": "0,1",
+      "eval.niah_fillers": "synthetic", "eval.niah_mode": "generate",
+      "model.attention.sliding_window.window": 32})
+  fns, init = build_model(cfg.model)
+  grids = EvalSuite(cfg, fns).niah(jax.jit(init)(jax.random.key(0)))["grids"]
+  assert grids[0]["mode"] == "generate"
+  assert grids[0]["accuracy"] == grids[0]["accuracy_teacher_forced"]

@@ -1,11 +1,16 @@
-"""Needle in a haystack as passkey retrieval (Mohtashami & Jaggi, 2023), scored teacher-forced.
+"""Needle in a haystack as passkey retrieval (Mohtashami & Jaggi, 2023), scored teacher-forced
+or by generating the answer.
 
 A context of exactly `length` tokens: BOS, filler with the needle ("The pass key is NNNNN.
 Remember it. NNNNN is the pass key.") at a chosen depth, then "What is the pass key? The pass
 key is " and the answer. (The usual instruction sentence is left out: byte-level models need the
 short prompt, about 100 tokens, to test contexts of a few hundred.) The whole sequence is fed
 at once; the answer counts as retrieved when the greedy prediction of every answer token is
-right (exact match), and its NLL is kept too (a smooth signal for small models). Filler is
+right (exact match), and its NLL is kept too (a smooth signal for small models). With
+eval.niah_mode=generate the prompt stops after the question and the answer is generated
+greedily with the decoding cache (lmtrain.generate); exact match then reads the generated
+tokens. (For greedy decoding the two agree up to ties and the rounding of the decode path, so
+a difference between them points at the cache.) Filler is
 either synthetic (a fixed repeated text) or natural (held-out text of many documents, at a
 seeded offset).
 
@@ -89,11 +94,17 @@ def filler_ids(kind: str, tokenizer, natural_text) -> np.ndarray:
 
 
 def passkey_grid(scorer, params, tokenizer, *, lengths, depths, samples: int, filler: str,
-                 natural_text, seed: int, batch_tokens: int) -> dict:
-  """Accuracy and answer NLL for every (depth, length) cell, `samples` seeded contexts each."""
+                 natural_text, seed: int, batch_tokens: int, generate_fn=None) -> dict:
+  """Accuracy and answer NLL for every (depth, length) cell, `samples` seeded contexts each.
+
+  generate_fn(prompts, max_new_tokens) -> new tokens per prompt (greedy): when given, the
+  accuracy is that of the generated answer (the prompt stops before the answer; the cache and
+  the decode step produce it), and the teacher-forced one is kept as accuracy_teacher_forced.
+  """
   ids = filler_ids(filler, tokenizer, natural_text)
   acc = np.zeros((len(depths), len(lengths)))
   nll = np.zeros((len(depths), len(lengths)))
+  acc_tf = np.zeros((len(depths), len(lengths)))
   for li, length in enumerate(lengths):
     for di, depth in enumerate(depths):
       rng = np.random.default_rng([seed, li, di])
@@ -101,7 +112,7 @@ def passkey_grid(scorer, params, tokenizer, *, lengths, depths, samples: int, fi
                           key=int(rng.integers(10000, 100000)), filler_ids=ids,
                           filler_offset=int(rng.integers(len(ids))))
               for _ in range(samples)]
-      hits, nlls = [], []
+      hits, nlls, generated = [], [], []
       for chunk in batched(cell, max(1, batch_tokens // length)):
         toks = np.stack([c.tokens for c in chunk])
         tok_nll, correct = scorer.score(params, toks[:, :-1], toks[:, 1:],
@@ -109,10 +120,26 @@ def passkey_grid(scorer, params, tokenizer, *, lengths, depths, samples: int, fi
         for row, c in enumerate(chunk):
           hits.append(bool(np.all(correct[row, c.answer_slice])))
           nlls.append(float(np.sum(tok_nll[row, c.answer_slice])))
-      acc[di, li] = np.mean(hits)
+        if generate_fn is not None:
+          generated += generated_hits(generate_fn, chunk)
+      acc_tf[di, li] = np.mean(hits)
+      acc[di, li] = np.mean(generated) if generate_fn is not None else np.mean(hits)
       nll[di, li] = np.mean(nlls)
-  return {"filler": filler, "lengths": list(lengths), "depths": list(depths),
-          "samples": samples, "accuracy": acc.tolist(), "answer_nll": nll.tolist()}
+  out = {"filler": filler, "lengths": list(lengths), "depths": list(depths),
+         "samples": samples, "mode": "teacher_forced" if generate_fn is None else "generate",
+         "accuracy": acc.tolist(), "answer_nll": nll.tolist()}
+  if generate_fn is not None:
+    out["accuracy_teacher_forced"] = acc_tf.tolist()
+  return out
+
+
+def generated_hits(generate_fn, chunk: list[PasskeySample]) -> list[bool]:
+  """Whether greedy generation after each sample's question writes exactly its answer."""
+  answers = [c.tokens[c.answer_slice.start + 1:c.answer_slice.stop + 1] for c in chunk]
+  prompts = [c.tokens[:c.answer_slice.start + 1] for c in chunk]
+  new = generate_fn(prompts, max(len(a) for a in answers))
+  return [len(g) >= len(a) and bool(np.all(np.asarray(g[:len(a)]) == a))
+          for g, a in zip(new, answers)]
 
 
 def effective_length(lengths, accuracy_by_length, threshold: float) -> int:

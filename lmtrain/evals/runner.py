@@ -70,7 +70,8 @@ class EvalSuite:
       grid = needle.passkey_grid(self.scorer, params, self.tokenizer, lengths=lengths,
                                  depths=depths, samples=self.e.niah_samples, filler=filler,
                                  natural_text=natural, seed=self.e.seed,
-                                 batch_tokens=self.e.batch_tokens)
+                                 batch_tokens=self.e.batch_tokens,
+                                 generate_fn=self._generate_fn(params))
       by_length = np.mean(np.asarray(grid["accuracy"]), axis=0)
       grid["accuracy_by_length"] = by_length.tolist()
       grid["effective_length"] = needle.effective_length(lengths, by_length,
@@ -92,6 +93,17 @@ class EvalSuite:
     return mqar.mqar_grid(self.scorer, params, pairs=parse_list(self.e.mqar_pairs),
                           lengths=lengths, samples=self.e.mqar_samples,
                           batch_tokens=self.e.batch_tokens, **mqar_options(self.cfg.data))
+
+  def _generate_fn(self, params):
+    """Greedy generation with the decoding cache for eval.niah_mode=generate, else None."""
+    if self.e.niah_mode != "generate":
+      return None
+    from lmtrain.generate import generate
+
+    def fn(prompts, max_new_tokens):
+      gen = generate(params, self.cfg, prompts, max_new_tokens=max_new_tokens, temperature=0.0)
+      return gen.tokens
+    return fn
 
   def _natural_ids(self, num_tokens: int) -> np.ndarray:
     """Held-out text as token ids (many documents, lmtrain.data.heldout), without BOS/EOS."""

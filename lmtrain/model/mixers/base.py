@@ -178,8 +178,9 @@ class Mixer(nnx.Module):
     """The decoding state of this layer for `batch` rows of at most `max_len` tokens."""
     raise NotImplementedError(f"attention kind {self.kind!r} has no decoding cache")
 
-  def prefill(self, x_BTD, positions_BT, segment_ids_BT, cache):
-    """The forward pass over a (left-padded) prompt that also fills `cache`: (y_BTD, cache)."""
+  def prefill(self, x_BTD, positions_BT, segment_ids_BT, lengths_B, cache):
+    """The forward pass over right-padded prompts (row b holds lengths_B[b] tokens) that also
+    fills `cache` with their state: (y_BTD, cache)."""
     raise NotImplementedError(f"attention kind {self.kind!r} has no prefill")
 
   def decode(self, x_BD, position_B, cache):
