@@ -201,6 +201,9 @@ def main(argv):
     cli.fail(f"--lengths={lengths_flag!r} must be positive")
   if batch_flag < 0:
     cli.fail(f"--batch_size={batch_flag} must be >= 0 (0 = data.batch_size)")
+  time_steps = _FLAGS["time_steps"].value
+  if time_steps < 0:
+    cli.fail(f"--time_steps={time_steps} must be >= 0")
   for length in lengths:  # every length's config is checked before the first compile
     c = ml_collections.ConfigDict(raw.to_dict())
     c.data.seq_len = length
@@ -217,9 +220,6 @@ def main(argv):
   print("floor = fp32 gradients + residual stream at every block boundary + one layer's "
         "working set + one chunk of logits and its gradient; per token = (temporaries - "
         "gradients) / tokens", flush=True)
-  time_steps = _FLAGS["time_steps"].value
-  if time_steps < 0:
-    cli.fail(f"--time_steps={time_steps} must be >= 0")
   print(HEADER + (f"{'step':>9}" if time_steps else ""), flush=True)
   for length in lengths:
     print(row_line(measure(raw, length, batch_flag, time_steps)), flush=True)

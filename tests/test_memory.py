@@ -179,17 +179,23 @@ def test_the_scanned_program_does_not_grow_with_depth():
 def test_full_remat_with_scan_keeps_memory_linear_in_length_and_below_none():
   """Temporaries per token (beyond the gradients) at 1k and 4k tokens: flat under full remat
   with scan (no term grows with T^2, such as attention masks hoisted out of the layer scan), and
-  under half of what remat=none keeps at 4k."""
+  under half of what remat=none keeps at 4k; the command's table rows, floor beside each."""
   from lmtrain import memory
   import ml_collections
   raw = small_config(resolve=False, **{**SIZES, "model.num_layers": 2, "data.batch_size": 1,
                                        "train.scan_layers": True, "train.remat": "full",
                                        "train.mlp_chunk": 256})
-  per_token = [memory.measure(raw, t)["per_token"] for t in (1024, 4096)]
+  rows = [memory.measure(raw, t) for t in (1024, 4096)]
+  per_token = [r["per_token"] for r in rows]
   assert per_token[1] < 1.2 * per_token[0], per_token
   none = ml_collections.ConfigDict(raw.to_dict())
   none.train.remat, none.train.scan_layers = "none", False
   assert per_token[1] < 0.5 * memory.measure(none, 4096)["per_token"]
+  assert memory.HEADER.split()[:6] == ["length", "tokens", "params", "optimizer", "temporaries",
+                                       "floor"]
+  for r, t in zip(rows, (1024, 4096)):
+    assert 0 < r["floor"] <= r["temporaries"]
+    assert memory.row_line(r).split()[:2] == [str(t), str(t)]
 
 
 # ---- checkpoints across scan settings ----------------------------------------------------------
@@ -315,20 +321,11 @@ def test_generation_with_scanned_layers_equals_the_unscanned_model():
 
 # ---- the command -------------------------------------------------------------------------------
 
-def test_the_memory_command_prints_a_table_per_length_and_rejects_bad_input():
+def test_the_memory_command_rejects_bad_input_in_one_line():
+  """(Its table is test_full_remat_with_scan_keeps_memory_linear_in_length_and_below_none's.)"""
   from tests.conftest import cli_args
-  args = cli_args(**{"train.remat": "full", "train.scan_layers": True})
-  proc = run_module("lmtrain.memory", args + ["--lengths", "64,96", "--batch_size", "1",
-                                               "--time_steps", "1"])
-  assert proc.returncode == 0, proc.stderr
-  lines = proc.stdout.strip().splitlines()
-  assert "train.remat=full" in lines[0] and "floor" in lines[1]
-  header = lines[2].split()
-  assert header[:7] == ["length", "tokens", "params", "optimizer", "temporaries", "floor", "per"]
-  rows = [l.split() for l in lines[3:]]
-  assert [r[0] for r in rows] == ["64", "96"] and [r[1] for r in rows] == ["64", "96"]
-  assert header[-1] == "step" and all(float(r[-1].rstrip("s")) > 0 for r in rows)
-  for bad, needle in ((["--lengths", "64,x"], "--lengths='64,x'"),):
-    proc = run_module("lmtrain.memory", args + bad)
+  for bad, needle in ((["--lengths", "64,x"], "--lengths='64,x'"),
+                      (["--time_steps", "-1"], "--time_steps=-1")):
+    proc = run_module("lmtrain.memory", cli_args() + bad)
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1 and needle in proc.stderr, proc.stderr
