@@ -13,6 +13,7 @@ previous intact step is used. A failed async save surfaces at the next check (`c
 from __future__ import annotations
 
 import collections
+import functools
 import hashlib
 import json
 import os
@@ -22,6 +23,8 @@ import time
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+from lmtrain.model import stack
 
 
 class DataStateMismatch:
@@ -234,17 +237,42 @@ class Checkpointer:
 
   def restore(self, step: int, abstract_state, shardings=None):
     """(state, data_state) at `step`; arrays are placed with `shardings` (any mesh; by default
-    this process's first device)."""
-    try:
-      self.check_compatible(step, abstract_state)
-    except ValueError as e:
-      raise CheckpointShapeError(str(e)) from e
+    this process's first device). A checkpoint written in the other block layout
+    (train.scan_layers on or off) is restored in its own and converted: the parameters and every
+    tree shaped like them (Adam's moments) are stacked or unstacked per layer."""
     if shardings is None:  # onto this process's first device, whatever mesh wrote it
       device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
       shardings = jax.tree.map(lambda _: device, abstract_state)
     abstract_state = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state,
         shardings)
+    saved_layout = self._saved_layout(step)
+    target = stack.find_params(abstract_state)
+    if saved_layout is not None and target is not None and saved_layout != (
+        stack.period_of(target) if stack.is_scanned(target) else 0):
+      saved_abstract = stack.convert_tree(abstract_state, functools.partial(
+          _to_layout, period=saved_layout, take=stack.abstract_take, stack=stack.abstract_stack))
+      state, data = self._restore(step, saved_abstract)
+      period = stack.period_of(target) if stack.is_scanned(target) else 0
+      state = stack.convert_tree(state, functools.partial(_to_layout, period=period))
+      return jax.device_put(state, shardings), data
+    return self._restore(step, abstract_state)
+
+  def _saved_layout(self, step: int) -> int | None:
+    """The block layout of the saved parameters: 0 unscanned, else the scan's pattern period
+    (None when the checkpoint holds no model parameters)."""
+    meta = self.manager.item_metadata(step)["state"]
+    # orbax's metadata tree is not a dict (newer orbax): its top level as one
+    saved = stack.find_params({k: meta[k] for k in meta.keys()})
+    if saved is None:
+      return None
+    return stack.period_of(saved) if stack.is_scanned(saved) else 0
+
+  def _restore(self, step: int, abstract_state):
+    try:  # in the saved layout: a shape error names the array as the checkpoint has it
+      self.check_compatible(step, abstract_state)
+    except ValueError as e:
+      raise CheckpointShapeError(str(e)) from e
     args = {"state": ocp.args.StandardRestore(abstract_state)}
     has_data = os.path.isdir(os.path.join(self.directory, str(step), "data"))
     if has_data:
@@ -296,3 +324,11 @@ class Checkpointer:
     self.manager.close()
     if self._failed:  # what a failed save left behind takes no space
       self._remove_temporaries()
+
+
+def _to_layout(params, *, period: int, **ops):
+  """A params-shaped tree in the unscanned layout (period 0) or scanned with `period`."""
+  take = {"take": ops["take"]} if "take" in ops else {}
+  if period == 0:
+    return stack.to_unscanned(params, **take)
+  return stack.to_scanned(params, period, **ops)

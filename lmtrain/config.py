@@ -63,6 +63,11 @@ def base_config() -> ml_collections.ConfigDict:
       steps=300, lr=3e-3, warmup_steps=30, end_lr_ratio=0.1, b1=0.9, b2=0.95,
       weight_decay=0.1, grad_clip=1.0, grad_accum=1, seed=0, log_every=10, eval_every=100,
       checkpoint_every=50, keep_checkpoints=3, async_checkpoints=True,
+      # memory (README "Training memory"): what each block keeps for the backward pass (none,
+      # full, dots), the block stack as one scan over stacked layers, the tokens per chunk of
+      # the MLP's recompute under remat=full, and of the vocabulary-chunked loss (0 = auto:
+      # unchunked when the logits are small)
+      remat="none", scan_layers=False, mlp_chunk=2048, loss_chunk=0,
       profile_steps="",  # "N:M": a jax.profiler trace of steps N+1..M in the workdir
   )
   c.mesh = dict(data=-1, fsdp=1, tensor=1, sequence=1)
@@ -315,6 +320,7 @@ def _validate_resolved(cfg) -> None:
   profile_window(cfg)
   if d.batch_size % t.grad_accum:
     _fail(f"train.grad_accum={t.grad_accum} does not divide data.batch_size={d.batch_size}")
+  validate_memory(cfg)
   validate_eval(cfg)
   for axis in MESH_AXES:
     size = cfg.mesh[axis]
@@ -325,6 +331,22 @@ def _validate_resolved(cfg) -> None:
           ", ".join(f"{a}={cfg.mesh[a]}" for a in MESH_AXES))
 
 
+def validate_memory(cfg) -> None:
+  """train.remat, train.scan_layers, train.mlp_chunk and train.loss_chunk."""
+  from lmtrain.model import stack
+  t = cfg.train
+  _one_of(cfg, "train.remat", tuple(stack.REMAT_POLICIES))
+  if not isinstance(t.scan_layers, bool):
+    _fail(f"train.scan_layers={t.scan_layers!r} must be True or False")
+  for field, zero in (("loss_chunk", "auto"), ("mlp_chunk", "the whole sequence")):
+    value = t[field]
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+      _fail(f"train.{field}={value!r} must be an integer >= 0 (0 = {zero})")
+  if t.scan_layers:
+    from lmtrain.model.transformer import stacking_error
+    why = stacking_error(cfg.model)
+    if why:
+      _fail(f"train.scan_layers=True: {why}")
 def _validate_data_reading(cfg) -> None:
   """The fields of how documents are read: pieces, alignment, prepared shards."""
   d = cfg.data

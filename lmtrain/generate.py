@@ -85,9 +85,11 @@ class Generation:
 class Generator:
   """Compiled prefill and decode steps of one model; reused across calls of equal shapes."""
 
-  def __init__(self, model_cfg):
+  def __init__(self, model_cfg, *, scan_layers: bool = False):
+    """scan_layers: the params are in the scanned layout (train.scan_layers); prefill and
+    decode then scan over the layers too."""
     from lmtrain.trainer import build_model
-    self.fns, _ = build_model(model_cfg)
+    self.fns, _ = build_model(model_cfg, scan_layers=scan_layers)
     self._prefill = {}
     self._step = {}
     self._compiled = {}
@@ -182,18 +184,18 @@ class Generator:
 
 
 @functools.lru_cache(maxsize=8)
-def _generator(model_cfg_json: str):
+def _generator(model_cfg_json: str, scan_layers: bool):
   import json
 
   import ml_collections
-  return Generator(ml_collections.ConfigDict(json.loads(model_cfg_json)))
+  return Generator(ml_collections.ConfigDict(json.loads(model_cfg_json)), scan_layers=scan_layers)
 
 
 def generate(params, cfg, prompt_tokens, **kwargs) -> Generation:
   """Generates from `params` of the model of (resolved) `cfg` after each prompt (a list of token
   id sequences, or one [B, T] array of equal-length prompts). kwargs: max_new_tokens,
   temperature (0 = greedy), top_k, top_p, seed, eos_id, return_logits."""
-  gen = _generator(cfg.model.to_json())
+  gen = _generator(cfg.model.to_json(), bool(cfg.train.scan_layers))
   kwargs.setdefault("limit", max_context(cfg))
   return gen.generate(params, list(prompt_tokens), **kwargs)
 

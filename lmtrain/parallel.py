@@ -21,6 +21,7 @@ LOGICAL_AXIS_RULES: dict[str, str | tuple[str, ...] | None] = {
     "heads": "tensor",
     "kv_heads": "tensor",
     "head_dim": None,
+    "layers": None,  # the stacked axis of train.scan_layers: every device holds every layer
 }
 
 

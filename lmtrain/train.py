@@ -22,6 +22,7 @@ from lmtrain.data import DataError, heldout_batches, set_iterator_state, train_d
 from lmtrain.data.pipeline import BATCH_KEYS
 from lmtrain.evals.runner import EvalSuite, eval_names
 from lmtrain.flops import peak_flops, train_flops_per_step
+from lmtrain.memory import memory_line
 from lmtrain.metrics import MetricWriter, Progress, Stopwatch
 from lmtrain.profiling import StepProfiler
 from lmtrain.trainer import Trainer
@@ -69,32 +70,6 @@ class _StopSignal:
 def _log(message: str) -> None:
   if jax.process_index() == 0:
     print(f"lmtrain: {message}", flush=True)
-
-
-def _bytes(n: float) -> str:
-  for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-    if n < 1024 or unit == "TiB":
-      return f"{n:.1f} {unit}"
-    n /= 1024
-
-
-def _per_device_bytes(tree, shardings) -> int:
-  total = 0
-  for x, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings)):
-    total += math.prod(s.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
-  return total
-
-
-def _memory_report(compiled, abstract_state, shardings) -> str:
-  params = _per_device_bytes(abstract_state["params"], shardings["params"])
-  opt = _per_device_bytes(abstract_state["opt_state"], shardings["opt_state"])
-  line = f"per-device memory: params {_bytes(params)}, optimizer state {_bytes(opt)}"
-  analysis = compiled.memory_analysis()
-  if analysis is not None:
-    line += (f", temporaries {_bytes(analysis.temp_size_in_bytes)}, "
-             f"arguments {_bytes(analysis.argument_size_in_bytes)}, "
-             f"outputs {_bytes(analysis.output_size_in_bytes)} (XLA)")
-  return line
 
 
 def _host_slice(batch):
@@ -191,7 +166,7 @@ def _train(cfg, workdir: str, allow_config_mismatch: bool) -> dict:
   with jax.set_mesh(mesh):  # the model reads the mesh (ring attention over "sequence")
     compiled = step_fn.lower(abstract_with(abstract_state, shardings), batch_spec).compile()
   _log(f"compiled the train step in {time.perf_counter() - t0:.1f}s; "
-       f"{_memory_report(compiled, abstract_state, shardings)}")
+       f"{memory_line(compiled, abstract_state, shardings)}")
   with jax.set_mesh(mesh):
     eval_fn = jax.jit(trainer.eval_step, in_shardings=(shardings["params"], batch_sharding),
                       out_shardings=rep).lower(

@@ -16,6 +16,7 @@ from flax import nnx
 
 from lmtrain import parallel
 from lmtrain.model import Transformer
+from lmtrain.model import loss as loss_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,24 +24,49 @@ class ModelFns:
   """The model as pure functions of a params dict."""
   graphdef: Any
   logical_axes: Any  # params tree of logical axis-name tuples
+  loss_chunk: int = 0  # train.loss_chunk: tokens per chunk of the loss (0 = auto)
 
   def apply(self, params, tokens_BT, segment_ids_BT=None, positions_BT=None, *,
             dropout_rng=None):
+    """Logits [B, T, V] float32 (all of them: the losses below never form them)."""
     model = nnx.merge(self.graphdef, nnx.State(params))
     return model(tokens_BT, segment_ids_BT, positions_BT, dropout_rng=dropout_rng)
 
+  def token_losses(self, params, tokens_BT, targets_BT, segment_ids_BT=None, positions_BT=None,
+                   *, dropout_rng=None, with_correct: bool = False):
+    """Per-token cross-entropy [B, T] float32 (and, with_correct, argmax == target), with the
+    vocabulary projection run over chunks of tokens (lmtrain.model.loss)."""
+    model = nnx.merge(self.graphdef, nnx.State(params))
+    hidden = model.hidden(tokens_BT, segment_ids_BT, positions_BT, dropout_rng=dropout_rng)
+    b, t = tokens_BT.shape
+    chunk = loss_lib.chunk_tokens(self.loss_chunk, loss_lib.data_parallel_rows(b), t,
+                                  model.dims.vocab_size)
+    return loss_lib.token_losses(hidden, targets_BT, model.logits, chunk=chunk,
+                                 with_correct=with_correct)
 
-def build_model(model_cfg) -> tuple[ModelFns, Callable]:
-  """ModelFns and `init(rng_key) -> params` (run it under jit: nothing is allocated here)."""
+
+def build_model(model_cfg, *, scan_layers: bool = False, remat: str = "none",
+                mlp_chunk: int = 0, loss_chunk: int = 0) -> tuple[ModelFns, Callable]:
+  """ModelFns and `init(rng_key) -> params` (run it under jit: nothing is allocated here).
+  scan_layers, remat, mlp_chunk and loss_chunk are the train.* fields of the same names."""
+  make = lambda key: Transformer(model_cfg, rngs=nnx.Rngs(key), scan_layers=scan_layers,
+                                 remat=remat, mlp_chunk=mlp_chunk)
+
   def init(key):
-    return nnx.to_pure_dict(nnx.state(Transformer(model_cfg, rngs=nnx.Rngs(key))))
+    return nnx.to_pure_dict(nnx.state(make(key)))
 
-  abstract = nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0)))
+  abstract = nnx.eval_shape(lambda: make(0))
   graphdef, state = nnx.split(abstract)
   specs = nnx.to_pure_dict(nnx.get_partition_spec(state))
   logical_axes = jax.tree.map(lambda s: tuple(s), specs,
                               is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
-  return ModelFns(graphdef, logical_axes), init
+  return ModelFns(graphdef, logical_axes, loss_chunk), init
+
+
+def model_options(train_cfg) -> dict:
+  """The build_model keywords of a config's `train` section."""
+  return {"scan_layers": train_cfg.scan_layers, "remat": train_cfg.remat,
+          "mlp_chunk": train_cfg.mlp_chunk, "loss_chunk": train_cfg.loss_chunk}
 
 
 def make_optimizer(train_cfg) -> tuple[optax.GradientTransformation, optax.Schedule]:
@@ -58,18 +84,12 @@ def make_optimizer(train_cfg) -> tuple[optax.GradientTransformation, optax.Sched
                   weight_decay=train_cfg.weight_decay, mask=decay_mask)), schedule
 
 
-def token_losses(logits_BTV, targets_BT):
-  """Per-token cross-entropy in fp32 [B, T]."""
-  return optax.softmax_cross_entropy_with_integer_labels(logits_BTV.astype(jnp.float32),
-                                                         targets_BT)
-
-
 def loss_sums(model: ModelFns, params, batch, dropout_rng=None):
   """(sum of token losses, number of tokens) over the scored tokens (loss_mask) of a batch."""
-  logits = model.apply(params, batch["tokens"], batch["segment_ids"], batch["positions"],
-                       dropout_rng=dropout_rng)
+  nll, = model.token_losses(params, batch["tokens"], batch["targets"], batch["segment_ids"],
+                            batch["positions"], dropout_rng=dropout_rng)
   mask = batch["loss_mask"].astype(jnp.float32)
-  return jnp.sum(token_losses(logits, batch["targets"]) * mask), jnp.sum(mask)
+  return jnp.sum(nll * mask), jnp.sum(mask)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,7 +104,7 @@ class Trainer:
 
   @classmethod
   def from_config(cls, cfg) -> "Trainer":
-    model, init_params = build_model(cfg.model)
+    model, init_params = build_model(cfg.model, **model_options(cfg.train))
     optimizer, schedule = make_optimizer(cfg.train)
     return cls(model, init_params, optimizer, schedule, cfg.train.grad_accum,
                cfg.model.dropout_rate > 0)
@@ -118,19 +138,25 @@ class Trainer:
     micro = jax.tree.map(
         lambda x: x.reshape(self.grad_accum, x.shape[0] // self.grad_accum, *x.shape[1:]), batch)
 
-    def micro_grad(carry, inputs):
-      i, mb = inputs
+    def grad(i, mb):
       rng = jax.random.fold_in(step_key, i) if self.dropout else None
       # Each microbatch's loss is divided by the whole batch's token count, so the summed
       # gradients equal the gradient of the token-weighted mean over the batch.
       (loss_sum, _), grads = jax.value_and_grad(
           lambda p: _scaled(loss_sums(self.model, p, mb, rng), num_tokens), has_aux=True)(params)
-      acc_loss, acc_grads = carry
-      return (acc_loss + loss_sum, jax.tree.map(jnp.add, acc_grads, grads)), None
+      return loss_sum, grads
 
-    zeros = jax.tree.map(jnp.zeros_like, params)
-    (loss, grads), _ = jax.lax.scan(micro_grad, (jnp.zeros((), jnp.float32), zeros),
-                                    (jnp.arange(self.grad_accum), micro))
+    if self.grad_accum == 1:  # no accumulator: one params-sized buffer fewer
+      loss, grads = grad(0, jax.tree.map(lambda x: x[0], micro))
+    else:
+      def micro_grad(carry, inputs):
+        loss_sum, grads = grad(*inputs)
+        acc_loss, acc_grads = carry
+        return (acc_loss + loss_sum, jax.tree.map(jnp.add, acc_grads, grads)), None
+
+      zeros = jax.tree.map(jnp.zeros_like, params)
+      (loss, grads), _ = jax.lax.scan(micro_grad, (jnp.zeros((), jnp.float32), zeros),
+                                      (jnp.arange(self.grad_accum), micro))
     updates, opt_state = self.optimizer.update(grads, state["opt_state"], params)
     new_state = {"params": optax.apply_updates(params, updates), "opt_state": opt_state,
                  "step": state["step"] + 1, "rng": state["rng"]}

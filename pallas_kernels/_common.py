@@ -59,6 +59,15 @@ def ungroup_queries(x_BTKGD):
   return x_BTKGD.reshape(b, t, kv * g, d)
 
 
+def tied_to(indices, data):
+  """`indices` (e.g. a loop's block numbers) made to depend on `data` through an optimization
+  barrier. A value computed from indices alone inside a loop body looks invariant to JAX when an
+  enclosing lax.scan is differentiated (a scan over layers), and JAX then hoists it out of that
+  scan with every iteration's value stacked: for attention, the keep masks of all key blocks
+  at once, T x S per head. Tied to the data, it is computed per iteration as written."""
+  return jax.lax.optimization_barrier((indices, data))[0]
+
+
 def cdiv(a: int, b: int) -> int:
   return -(-a // b)
 

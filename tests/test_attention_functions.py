@@ -67,8 +67,41 @@ def test_blockwise_cross_attention_lengths():
   np.testing.assert_allclose(blockwise_attention(q, k, v, causal=False), want, atol=1e-12)
 
 
+def test_blockwise_reference_query_tiles_equal_the_naive_float64():
+  """Query tiles of 4 (29 queries: the last tile padded) over key blocks of 8, with GQA,
+  packed segments and ALiBi (causal and not), and a cross-attention length: the float64 naive
+  result; causal with FoX gates, a soft-cap and sinks, the same values and gradients (gates and
+  sinks included) as one tile of every query."""
+  q, k, v = qkv(hq=4, hkv=2, t=29)
+  seg = packed_segments(2, 29)
+  slopes = jnp.asarray([0.5, 0.25, 0.125, 0.0625])
+  allowed = lambda b, h, t, s: seg[b, t] == seg[b, s]
+  for causal in (True, False):
+    want = naive.softmax_attention(q, k, v, allowed, causal=causal, alibi=np.asarray(slopes))
+    got = blockwise_reference(q, k, v, causal=causal, segment_ids=seg, alibi_slopes=slopes,
+                              block_q=4, block_k=8)
+    np.testing.assert_allclose(got, want, atol=1e-12)
+  rng = np.random.default_rng(3)
+  gates = jnp.asarray(-np.log1p(np.exp(rng.normal(size=(2, 29, 4)))))  # -softplus: <= 0
+  sinks = jnp.asarray(rng.normal(size=4))
+  r = jnp.asarray(rng.normal(size=q.shape))
+  tiled = lambda bq, *a: blockwise_reference(*a[:3], causal=True, segment_ids=seg,
+                                             log_gates=a[3], sinks=a[4], softcap=2.0,
+                                             block_q=bq, block_k=8)
+  outs = [jax.value_and_grad(lambda *a: jnp.sum(tiled(bq, *a) * r), argnums=(0, 1, 2, 3, 4))(
+      q, k, v, gates, sinks) for bq in (4, 29)]
+  for a, b in zip(jax.tree.leaves(outs[0]), jax.tree.leaves(outs[1])):
+    np.testing.assert_allclose(a, b, atol=1e-12)
+  q9, k21, v21 = qkv(t=9, s=21)
+  want = naive.softmax_attention(q9, k21, v21, lambda *a: True, causal=False)
+  got = blockwise_reference(q9, k21, v21, causal=False, block_q=4, block_k=8)
+  np.testing.assert_allclose(got, want, atol=1e-12)
+
+
 @pytest.mark.parametrize("fn", [
     lambda q, k, v: blockwise_reference(q, k, v, block_k=8),
+    lambda q, k, v: blockwise_reference(q, k, v, block_q=4, block_k=8,
+                                        segment_ids=packed_segments(1, 11)),
     lambda q, k, v: blockwise_reference(q, k, v, causal=False, block_k=8,
                                         segment_ids=packed_segments(1, 11)),
     lambda q, k, v: dense_attention(q, k, v),

@@ -11,18 +11,22 @@ import optax
 
 
 class Scorer:
-  """Wraps apply(params, tokens [B, T], segment_ids [B, T]) -> logits [B, T, V].
+  """Wraps apply(params, tokens [B, T], segment_ids [B, T]) -> logits [B, T, V], or `losses`:
+  (params, tokens, targets, segment_ids) -> (nll [B, T], correct [B, T]) computed without the
+  whole logits (lmtrain's model: the vocabulary projection over chunks of tokens).
 
   score(params, tokens, targets, segment_ids) -> (nll [B, T] float64, correct [B, T] bool),
   where correct means the greedy (argmax) token equals the target. One compile per shape.
   """
 
-  def __init__(self, apply: Callable, *, jit: bool = True):
+  def __init__(self, apply: Callable | None = None, *, losses: Callable | None = None,
+               jit: bool = True):
     def score(params, tokens, targets, segment_ids):
       logits = apply(params, tokens, segment_ids).astype(jnp.float32)
       nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
       return nll, jnp.argmax(logits, axis=-1) == targets
 
+    score = losses if losses is not None else score
     self._score = jax.jit(score) if jit else score
 
   def score(self, params, tokens, targets, segment_ids):
@@ -33,8 +37,11 @@ class Scorer:
 
 
 def model_scorer(model_fns) -> Scorer:
-  """A Scorer for lmtrain's Transformer (positions are derived from the segment ids)."""
-  return Scorer(lambda params, tokens, seg: model_fns.apply(params, tokens, seg))
+  """A Scorer for lmtrain's Transformer (positions are derived from the segment ids): the
+  memory savings of training apply (scanned layers, the loss over chunks of tokens, never the
+  [B, T, V] logits), so long contexts fit where the train step does."""
+  return Scorer(losses=lambda params, tokens, targets, seg: model_fns.token_losses(
+      params, tokens, targets, seg, with_correct=True))
 
 
 @dataclasses.dataclass

@@ -1,9 +1,10 @@
 """Softmax attention in plain jnp: a dense oracle and the blockwise (online-softmax) reference.
 
 `dense_attention` materialises the T x S logits; it is the "xla" path and the oracle of the tests.
-`blockwise_reference` never does: a lax.scan over key blocks with the online softmax forward and
-the FlashAttention-2 backward (recomputing probabilities from the saved log-sum-exp), under a
-custom_vjp. It is the algorithm the Pallas kernels implement, written so it can be read.
+`blockwise_reference` never does: per query tile, a lax.scan over key blocks with the online
+softmax forward, and the FlashAttention-2 backward (recomputing probabilities from the saved
+log-sum-exp), under a custom_vjp. It is the algorithm the Pallas kernels implement, written so
+it can be read.
 
 Both take the Forgetting Transformer's forget-gate bias (log_gates; ALiBi is its constant-gate
 case) as the running sums c of the gates per segment: logit (i, j) gets c_q[i] - c_k[j]
@@ -19,9 +20,10 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels._common import (alibi_log_gates, cdiv, gate_cumsum, group_queries,
+from pallas_kernels._common import (alibi_log_gates, cdiv, gate_cumsum, group_queries, tied_to,
                                     ungroup_queries)
 
+DEFAULT_BLOCK_Q = 512
 DEFAULT_BLOCK_K = 128
 
 
@@ -157,12 +159,35 @@ class _Blocks:
     self.n = self.k.shape[0]
 
 
-def _block_logits(q5, blocks, j, seg_q, *, s_len, block_k, causal, scale, softcap=None):
-  """Logits [B, T, K, G, bk] of all queries against key block j, the keep mask, `above` (where
-  the key comes after the query, for the gate bias's sign; None unless gates and not causal),
-  and the derivative of the soft-cap (None without one)."""
-  t = q5.shape[1]
-  q_pos = jnp.arange(t)
+def _query_blocks(x, block_q):
+  """[B, T, ...] -> [nq, B, block_q, ...], zero padded (padded queries are masked and dropped)."""
+  t = x.shape[1]
+  nq = cdiv(t, block_q)
+  x = jnp.pad(x, ((0, 0), (0, nq * block_q - t)) + ((0, 0),) * (x.ndim - 2))
+  return x.reshape(x.shape[0], nq, block_q, *x.shape[2:]).swapaxes(0, 1)
+
+
+def _unblock_queries(x, t):
+  """[nq, B, block_q, ...] -> [B, T, ...]."""
+  x = x.swapaxes(0, 1)
+  return x.reshape(x.shape[0], -1, *x.shape[3:])[:, :t]
+
+
+def _query_tiles(q, segment_ids, c_q_BTKG, hkv, block_q):
+  """Query tiles [nq, B, bq, K, G, D], their segment ids [nq, B, bq] and gate terms
+  [nq, B, bq, K, G] (None where absent)."""
+  tile = lambda x: None if x is None else _query_blocks(x, block_q)
+  return tile(group_queries(q, hkv)), tile(segment_ids), tile(c_q_BTKG)
+
+
+def _block_logits(q5, i, c_q, blocks, j, seg_q, *, t_len, s_len, block_k, causal, scale,
+                  softcap=None):
+  """Logits [B, bq, K, G, bk] of query tile i (q5 [B, bq, K, G, D], its gate terms c_q
+  [B, bq, K, G] and segment ids seg_q [B, bq], or None) against key block j, the keep mask,
+  `above` (where the key comes after the query, for the gate bias's sign; None unless gates and
+  not causal), and the derivative of the soft-cap (None without one)."""
+  bq = q5.shape[1]
+  q_pos = i * bq + jnp.arange(bq)
   k_pos = j * block_k + jnp.arange(block_k)
   ct = compute_dtype(q5.dtype)
   logits = jnp.einsum("btkgd,bskd->btkgs", q5.astype(ct), blocks.k[j].astype(ct)) * scale
@@ -171,119 +196,156 @@ def _block_logits(q5, blocks, j, seg_q, *, s_len, block_k, causal, scale, softca
     logits = cap(logits, softcap)
     dcap = 1.0 - (logits / softcap) ** 2  # d cap(x) / dx = 1 - tanh(x / cap)^2
   above = None
-  if blocks.c_q is not None:
+  if c_q is not None:
     if not causal:
       above = (k_pos[None, :] > q_pos[:, None])[None, :, None, None, :]
     c_k = jnp.moveaxis(blocks.c_k[j], 1, -1)[:, None]  # [B, 1, K, G, bk]
-    logits = logits + gate_bias(blocks.c_q[..., None], c_k, above)
+    logits = logits + gate_bias(c_q[..., None], c_k, above)
   seg_k = None if seg_q is None else blocks.seg[j]
   keep = keep_mask(q_pos, k_pos, seg_q, seg_k, causal=causal)
-  keep = keep & (k_pos < s_len)  # the zero-padded tail of the last block
+  # the zero-padded tails of the last key block and the last query tile (a padded query's
+  # gate bias may be large: masked, it never reaches an exp)
+  keep = keep & (k_pos < s_len) & (q_pos < t_len)[:, None]
   keep = keep[:, :, None, None, :] if keep.ndim == 3 else keep[None, :, None, None, :]
   return logits, keep, above, dcap
 
 
-def _forward(q, k, v, segment_ids, c_q, c_k, sinks, *, causal, scale, block_k, softcap):
+def _forward(q, k, v, segment_ids, c_q, c_k, sinks, *, causal, scale, block_q, block_k, softcap):
+  """Per query tile, the online softmax over every key block: (o [B, T, Hq, D], lse
+  [B, T, K, G])."""
   b, t, hq, d = q.shape
   s, hkv = k.shape[1], k.shape[2]
   ct = compute_dtype(q.dtype)
-  q5 = group_queries(q, hkv)
   blocks = _Blocks(k, v, segment_ids, c_q, c_k, block_k)
-  g = hq // hkv
-  init = (jnp.full((b, t, hkv, g), -jnp.inf, ct), jnp.zeros((b, t, hkv, g), ct),
-          jnp.zeros((b, t, hkv, g, d), ct))
-  if sinks is not None:  # a sink is a key with no value seen first: m = its logit, l = 1
-    sink = jnp.broadcast_to(sinks.astype(ct).reshape(hkv, g), (b, t, hkv, g))
-    init = (sink, jnp.ones((b, t, hkv, g), ct), init[2])
+  q_tiles, seg_tiles, c_tiles = _query_tiles(q, segment_ids, blocks.c_q, hkv, block_q)
+  bq, g = q_tiles.shape[2], hq // hkv
 
-  def step(carry, j):
-    m, l, acc = carry
-    logits, keep, _, _ = _block_logits(q5, blocks, j, segment_ids, s_len=s, block_k=block_k,
-                                       causal=causal, scale=scale, softcap=softcap)
-    logits = jnp.where(keep, logits, -jnp.inf)
-    # The running max stays -inf until a row sees a key; exponents use a finite stand-in, so
-    # no exp(-inf - -inf) and no exp(+big): a block whose weights all underflow (strong decay,
-    # ALiBi at long T) adds zeros, and rescaling an empty row gives exp(-inf) = 0.
-    m_new = jnp.maximum(m, jnp.max(logits, axis=-1))
-    m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
-    p = jnp.exp(logits - m_safe[..., None])
-    alpha = jnp.exp(m - m_safe)  # <= 1; 0 while m is -inf
-    l = alpha * l + jnp.sum(p, axis=-1)
-    acc = alpha[..., None] * acc + jnp.einsum("btkgs,bskd->btkgd", p, blocks.v[j].astype(ct))
-    return (m_new, l, acc), None
+  def query_tile(inputs):
+    i, q5, seg_q, c_q = inputs
+    init = (jnp.full((b, bq, hkv, g), -jnp.inf, ct), jnp.zeros((b, bq, hkv, g), ct),
+            jnp.zeros((b, bq, hkv, g, d), ct))
+    if sinks is not None:  # a sink is a key with no value seen first: m = its logit, l = 1
+      sink = jnp.broadcast_to(sinks.astype(ct).reshape(hkv, g), (b, bq, hkv, g))
+      init = (sink, jnp.ones((b, bq, hkv, g), ct), init[2])
 
-  (m, l, acc), _ = jax.lax.scan(step, init, jnp.arange(blocks.n))
-  o = acc / jnp.where(l == 0, 1.0, l)[..., None]
-  lse = jnp.where(l == 0, jnp.inf, jnp.where(jnp.isfinite(m), m, 0.0) + jnp.log(l))
-  return ungroup_queries(o).astype(q.dtype), lse
+    def step(carry, j):
+      m, l, acc = carry
+      logits, keep, _, _ = _block_logits(q5, i, c_q, blocks, j, seg_q, t_len=t, s_len=s,
+                                         block_k=block_k, causal=causal, scale=scale,
+                                         softcap=softcap)
+      logits = jnp.where(keep, logits, -jnp.inf)
+      # The running max stays -inf until a row sees a key; exponents use a finite stand-in, so
+      # no exp(-inf - -inf) and no exp(+big): a block whose weights all underflow (strong
+      # decay, ALiBi at long T) adds zeros, and rescaling an empty row gives exp(-inf) = 0.
+      m_new = jnp.maximum(m, jnp.max(logits, axis=-1))
+      m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+      p = jnp.exp(logits - m_safe[..., None])
+      alpha = jnp.exp(m - m_safe)  # <= 1; 0 while m is -inf
+      l = alpha * l + jnp.sum(p, axis=-1)
+      acc = alpha[..., None] * acc + jnp.einsum("btkgs,bskd->btkgd", p, blocks.v[j].astype(ct))
+      return (m_new, l, acc), None
+
+    # tied to the data: under a differentiated scan over layers, masks computed from the block
+    # index alone would be hoisted out of it for every block at once (pallas_kernels._common)
+    (m, l, acc), _ = jax.lax.scan(step, init, tied_to(jnp.arange(blocks.n), q5))
+    o = acc / jnp.where(l == 0, 1.0, l)[..., None]
+    lse = jnp.where(l == 0, jnp.inf, jnp.where(jnp.isfinite(m), m, 0.0) + jnp.log(l))
+    return o.astype(q.dtype), lse
+
+  o, lse = jax.lax.map(query_tile, (tied_to(jnp.arange(q_tiles.shape[0]), q_tiles), q_tiles,
+                                    seg_tiles, c_tiles))
+  return ungroup_queries(_unblock_queries(o, t)), _unblock_queries(lse, t)
 
 
-def _backward(q, k, v, segment_ids, c_q, c_k, sinks, o, lse, do, *, causal, scale, block_k,
-              softcap):
-  """dq, dk, dv and, with gates, dc_q [B, T, Hq] and dc_k [B, S, Hq]: a logit's bias is
-  +-(c_q[i] - c_k[j]), so c_q's gradient is the (signed) row sums of dS and c_k's minus its
-  column sums. Under a soft-cap, dq and dk see dS times the cap's derivative (the bias does
-  not). A sink (no value) has dS = -p_sink * delta per row: d sink = its sum."""
+def _backward(q, k, v, segment_ids, c_q, c_k, sinks, o, lse, do, *, causal, scale, block_q,
+              block_k, softcap):
+  """FlashAttention-2's backward: per key block, dk and dv summed over the query tiles, dq
+  accumulated over the key blocks; probabilities recomputed from the saved log-sum-exp.
+  With gates also dc_q [B, T, Hq] and dc_k [B, S, Hq]: a logit's bias is +-(c_q[i] - c_k[j]),
+  so c_q's gradient is the (signed) row sums of dS and c_k's minus its column sums. Under a
+  soft-cap, dq and dk see dS times the cap's derivative (the bias does not). A sink (no value)
+  has dS = -p_sink * delta per row: d sink = its sum."""
   b, t, hq, d = q.shape
   s, hkv = k.shape[1], k.shape[2]
+  g = hq // hkv
   ct = compute_dtype(q.dtype)
-  q5 = group_queries(q, hkv).astype(ct)
   do5 = group_queries(do, hkv).astype(ct)
   delta = jnp.sum(do5 * group_queries(o, hkv).astype(ct), axis=-1)  # [B, T, K, G]
   blocks = _Blocks(k, v, segment_ids, c_q, c_k, block_k)
   gated = c_q is not None
+  q_tiles, seg_tiles, c_tiles = _query_tiles(q, segment_ids, blocks.c_q, hkv, block_q)
+  q_tiles = q_tiles.astype(ct)
+  do_tiles = _query_blocks(do5, block_q)
+  lse_tiles, delta_tiles = _query_blocks(lse, block_q), _query_blocks(delta, block_q)
+  nq = q_tiles.shape[0]
 
-  def step(carry, j):
-    dq, dc_q = carry
-    logits, keep, above, dcap = _block_logits(q5, blocks, j, segment_ids, s_len=s,
-                                              block_k=block_k, causal=causal, scale=scale,
-                                              softcap=softcap)
-    p = jnp.exp(jnp.where(keep, logits, -jnp.inf) - lse[..., None])  # [B, T, K, G, bk]
-    dv = jnp.einsum("btkgs,btkgd->bskd", p, do5)
-    dp = jnp.einsum("btkgd,bskd->btkgs", do5, blocks.v[j].astype(ct))
-    ds = p * (dp - delta[..., None])
-    ds_qk = ds if dcap is None else ds * dcap
-    dq = dq + jnp.einsum("btkgs,bskd->btkgd", ds_qk, blocks.k[j].astype(ct)) * scale
-    dk = jnp.einsum("btkgs,btkgd->bskd", ds_qk, q5) * scale
-    dc_k = None
-    if gated:
-      ds_c = ds if above is None else jnp.where(above, -ds, ds)  # d logit / d c_q
-      dc_q = dc_q + jnp.sum(ds_c, axis=-1)
-      dc_k = -jnp.moveaxis(jnp.sum(ds_c, axis=1), -1, 1)  # [B, bk, K, G]
-    return (dq, dc_q), (dk, dv, dc_k)
+  def key_block(carry, j):
+    dq_tiles, dc_q_tiles = carry
+    k_j, v_j = blocks.k[j].astype(ct), blocks.v[j].astype(ct)
 
-  init = (jnp.zeros_like(q5), jnp.zeros(q5.shape[:-1], ct) if gated else None)
-  (dq, dc_q), (dk, dv, dc_k) = jax.lax.scan(step, init, jnp.arange(blocks.n))
+    def query_tile(carry, inputs):
+      dk, dv, dc_k = carry
+      i, q5, seg_q, c_q, do_i, lse_i, delta_i = inputs
+      logits, keep, above, dcap = _block_logits(q5, i, c_q, blocks, j, seg_q, t_len=t, s_len=s,
+                                                block_k=block_k, causal=causal, scale=scale,
+                                                softcap=softcap)
+      p = jnp.exp(jnp.where(keep, logits, -jnp.inf) - lse_i[..., None])  # [B, bq, K, G, bk]
+      dv = dv + jnp.einsum("btkgs,btkgd->bskd", p, do_i)
+      dp = jnp.einsum("btkgd,bskd->btkgs", do_i, v_j)
+      ds = p * (dp - delta_i[..., None])
+      ds_qk = ds if dcap is None else ds * dcap
+      dq_i = jnp.einsum("btkgs,bskd->btkgd", ds_qk, k_j) * scale
+      dk = dk + jnp.einsum("btkgs,btkgd->bskd", ds_qk, q5) * scale
+      dc_q_i = None
+      if gated:
+        ds_c = ds if above is None else jnp.where(above, -ds, ds)  # d logit / d c_q
+        dc_q_i = jnp.sum(ds_c, axis=-1)
+        dc_k = dc_k - jnp.moveaxis(jnp.sum(ds_c, axis=1), -1, 1)  # [B, bk, K, G]
+      return (dk, dv, dc_k), (dq_i, dc_q_i)
+
+    zeros = jnp.zeros((b, block_k, hkv, d), ct)
+    init = (zeros, zeros, jnp.zeros((b, block_k, hkv, g), ct) if gated else None)
+    (dk, dv, dc_k), (dq_parts, dc_q_parts) = jax.lax.scan(
+        query_tile, init, (tied_to(jnp.arange(nq), k_j), q_tiles, seg_tiles, c_tiles, do_tiles,
+                           lse_tiles, delta_tiles))
+    dc_q_tiles = None if not gated else dc_q_tiles + dc_q_parts
+    return (dq_tiles + dq_parts, dc_q_tiles), (dk, dv, dc_k)
+
+  init = (jnp.zeros_like(q_tiles), jnp.zeros(q_tiles.shape[:-1], ct) if gated else None)
+  (dq_tiles, dc_q_tiles), (dk, dv, dc_k) = jax.lax.scan(
+      key_block, init, tied_to(jnp.arange(blocks.n), q_tiles))
   unblock = lambda x: x.swapaxes(0, 1).reshape(b, -1, *x.shape[3:])[:, :s]
-  grads = (ungroup_queries(dq).astype(q.dtype), unblock(dk).astype(k.dtype),
-           unblock(dv).astype(v.dtype))
+  grads = (ungroup_queries(_unblock_queries(dq_tiles, t)).astype(q.dtype),
+           unblock(dk).astype(k.dtype), unblock(dv).astype(v.dtype))
   dsinks = None
   if sinks is not None:
     p_sink = jnp.exp(sinks.astype(ct).reshape(hkv, -1) - lse)  # [B, T, K, G]
     dsinks = jnp.sum(-p_sink * delta, axis=(0, 1)).reshape(hq).astype(sinks.dtype)
   if not gated:
     return grads + (None, None, dsinks)
+  dc_q = _unblock_queries(dc_q_tiles, t)
   return grads + (dc_q.reshape(b, t, hq).astype(c_q.dtype),
                   unblock(dc_k).reshape(b, s, hq).astype(c_k.dtype), dsinks)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10))
-def _blockwise(q, k, v, segment_ids, c_q, c_k, sinks, causal, scale, block_k, softcap):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10, 11))
+def _blockwise(q, k, v, segment_ids, c_q, c_k, sinks, causal, scale, block_q, block_k, softcap):
   return _forward(q, k, v, segment_ids, c_q, c_k, sinks, causal=causal, scale=scale,
-                  block_k=block_k, softcap=softcap)[0]
+                  block_q=block_q, block_k=block_k, softcap=softcap)[0]
 
 
-def _blockwise_fwd(q, k, v, segment_ids, c_q, c_k, sinks, causal, scale, block_k, softcap):
+def _blockwise_fwd(q, k, v, segment_ids, c_q, c_k, sinks, causal, scale, block_q, block_k,
+                   softcap):
   o, lse = _forward(q, k, v, segment_ids, c_q, c_k, sinks, causal=causal, scale=scale,
-                    block_k=block_k, softcap=softcap)
+                    block_q=block_q, block_k=block_k, softcap=softcap)
   return o, (q, k, v, segment_ids, c_q, c_k, sinks, o, lse)
 
 
-def _blockwise_bwd(causal, scale, block_k, softcap, res, do):
+def _blockwise_bwd(causal, scale, block_q, block_k, softcap, res, do):
   q, k, v, segment_ids, c_q, c_k, sinks, o, lse = res
   dq, dk, dv, dc_q, dc_k, dsinks = _backward(q, k, v, segment_ids, c_q, c_k, sinks, o, lse, do,
-                                             causal=causal, scale=scale, block_k=block_k,
-                                             softcap=softcap)
+                                             causal=causal, scale=scale, block_q=block_q,
+                                             block_k=block_k, softcap=softcap)
   return dq, dk, dv, None, dc_q, dc_k, dsinks  # segment ids are integers
 
 
@@ -292,8 +354,9 @@ _blockwise.defvjp(_blockwise_fwd, _blockwise_bwd)
 
 def blockwise_reference(q, k, v, *, causal=True, segment_ids=None, sm_scale=None,
                         alibi_slopes=None, log_gates=None, softcap=None, sinks=None,
-                        block_k=DEFAULT_BLOCK_K):
-  """Online-softmax attention over key blocks of `block_k`; memory O(T * block_k) per head.
+                        block_q=DEFAULT_BLOCK_Q, block_k=DEFAULT_BLOCK_K):
+  """Online-softmax attention of query tiles of `block_q` over key blocks of `block_k`: beyond
+  q, k, v, the output and their gradients, memory O(block_q * block_k) per head, whatever T.
   log_gates / alibi_slopes: the gate bias of gate_terms; its gradient (for the gates, and for
   the slopes) flows through the running sums by autodiff, from the custom_vjp's dc_q, dc_k.
   softcap / sinks: as dense_attention's."""
@@ -302,6 +365,7 @@ def blockwise_reference(q, k, v, *, causal=True, segment_ids=None, sm_scale=None
   terms = gate_terms(q, k, causal=causal, segment_ids=segment_ids, alibi_slopes=alibi_slopes,
                      log_gates=log_gates)
   c_q, c_k = (None, None) if terms is None else terms
-  block_k = min(block_k, k.shape[1])
+  block_q, block_k = min(block_q, q.shape[1]), min(block_k, k.shape[1])
   softcap = float(softcap) if softcap else None
-  return _blockwise(q, k, v, segment_ids, c_q, c_k, sinks, causal, scale, block_k, softcap)
+  return _blockwise(q, k, v, segment_ids, c_q, c_k, sinks, causal, scale, block_q, block_k,
+                    softcap)

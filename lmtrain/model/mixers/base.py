@@ -111,6 +111,14 @@ class Mixer(nnx.Module):
   def __call__(self, x_BTD, positions_BT, segment_ids_BT):
     raise NotImplementedError
 
+  def at_layer(self, layer) -> None:
+    """Called before each forward with the index of the layer being computed: an int, or a
+    traced int32 scalar when train.scan_layers runs one module's code for every layer at its
+    place in the layer pattern (with that layer's parameters). A mixer whose computation
+    depends on its layer index beyond its parameters (diff's lambda_init) reads it here,
+    never from a value fixed at construction; the others ignore it."""
+    del layer
+
   # -- declarations read by config validation, FLOP counting, sharding and the sweep ----------
 
   @classmethod

@@ -69,7 +69,11 @@ class Diff(Mixer):
 
   def __init__(self, dims, options, *, layer: int, impl: str, out_std: float, rngs: nnx.Rngs):
     self.options, self.impl = options, impl
-    self.lambda_init = lambda_init(layer)
+    # lambda_init of every layer as static numbers, indexed by the layer at run time (under
+    # scan_layers a traced index): one code path, the same rounding whether scanned or not
+    self.lambda_inits = tuple(lambda_init(i) for i in range(dims.num_layers))
+    self.out_scales = tuple(1.0 - lambda_init(i) for i in range(dims.num_layers))
+    self.layer = layer
     h, hkv, dh, d = dims.num_heads, dims.num_kv_heads, dims.head_dim, dims.d_model
     dtype = dims.compute_dtype
     proj = lambda out, axes: nnx.LinearGeneral(d, out, use_bias=False, dtype=dtype,
@@ -85,12 +89,21 @@ class Diff(Mixer):
                                     kernel_init=normal_init(("heads", "head_dim", "embed"),
                                                             out_std))
 
+  def at_layer(self, layer) -> None:
+    self.layer = layer
+
+  def this_layer(self, table, dtype):
+    """This layer's entry of a per-layer table, rounded from float64 to `dtype` (through fp32
+    at least, as a Python float meeting a `dtype` array would be)."""
+    ct = jnp.promote_types(dtype, jnp.float32)
+    return jnp.asarray(table, ct)[self.layer].astype(dtype)
+
   def lam(self):
     ct = jnp.promote_types(self.lambda_q1[...].dtype, jnp.float32)
     dot = lambda a, b: jnp.sum(a[...].astype(ct) * b[...].astype(ct))
     return (jnp.exp(dot(self.lambda_q1, self.lambda_k1)) - jnp.exp(dot(self.lambda_q2,
                                                                        self.lambda_k2))
-            + self.lambda_init)
+            + self.this_layer(self.lambda_inits, ct))
 
   def project(self, x_BTD, positions_BT):
     """q' [B, T, H, Dh] (map-1 heads, then map-2 heads), k' [B, T, Hkv, Dh] likewise, and
@@ -108,7 +121,8 @@ class Diff(Mixer):
     hd = o_BTHD.shape[2] // 2
     lam = self.lam().astype(o_BTHD.dtype)
     a = o_BTHD[:, :, :hd] - lam * o_BTHD[:, :, hd:]
-    return self.o_proj(self.subln(a) * (1.0 - self.lambda_init))
+    normed = self.subln(a)
+    return self.o_proj(normed * self.this_layer(self.out_scales, normed.dtype))
 
   def __call__(self, x_BTD, positions_BT, segment_ids_BT):
     q, k, v = self.project(x_BTD, positions_BT)

@@ -47,9 +47,9 @@ class LinearFamily(Mixer):
   feature_map: str = "identity"
 
   def __init__(self, dims, options, *, layer: int, impl: str, out_std: float, rngs: nnx.Rngs):
+    del layer  # nothing here depends on the layer index
     self.options = options
     self.impl = impl
-    self.layer = layer
     d, h, hkv = dims.d_model, dims.num_heads, dims.num_kv_heads
     dk, dv = self.head_dims(dims, options)
     dtype = dims.compute_dtype

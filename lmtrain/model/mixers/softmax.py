@@ -73,9 +73,9 @@ class SoftmaxFamily(Mixer):
   kernel_families = ("sparse",)
 
   def __init__(self, dims, options, *, layer: int, impl: str, out_std: float, rngs: nnx.Rngs):
+    del layer  # nothing here depends on the layer index
     self.options = options
     self.impl = impl
-    self.layer = layer
     h, hkv, dh, d = dims.num_heads, dims.num_kv_heads, dims.head_dim, dims.d_model
     proj = lambda out, axes: nnx.LinearGeneral(d, out, use_bias=False, dtype=dims.compute_dtype,
                                                kernel_init=normal_init(axes), rngs=rngs)
