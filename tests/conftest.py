@@ -13,7 +13,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL_OVERRIDES = {
     "model.num_layers": 2, "model.d_model": 64, "model.num_heads": 2, "model.num_kv_heads": 1,
     "model.mlp_dim": 128, "data.seq_len": 64, "data.batch_size": 8, "data.eval_batches": 2,
-    "data.shuffle_window": 64, "train.steps": 40, "train.warmup_steps": 5, "train.log_every": 1,
+    "data.shuffle_window": 1024, "train.steps": 40, "train.warmup_steps": 5, "train.log_every": 1,
     "train.eval_every": 20, "train.checkpoint_every": 10,
 }
 
