@@ -85,6 +85,22 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def from_saved(saved: dict) -> ml_collections.ConfigDict:
+  """A raw config from a resolved one saved with a checkpoint or run (config.json): the saved
+  values over base_config(), so that a run written before a field existed gets its default."""
+  c = base_config()
+
+  def merge(node, src):
+    for key, value in src.items():
+      if isinstance(value, dict) and isinstance(node.get(key), ml_collections.ConfigDict):
+        merge(node[key], value)
+      else:
+        node[key] = value
+  with c.unlocked():
+    merge(c, saved)
+  return c
+
+
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
   """big_vision-style variant string "k=v,k2=v2" -> ConfigDict over `defaults` (typed by them)."""
   out = ml_collections.ConfigDict(dict(defaults))

@@ -15,7 +15,6 @@ import os
 import jax
 from absl import flags
 
-import ml_collections
 
 from lmtrain import cli, provenance
 from lmtrain import config as config_lib
@@ -53,7 +52,7 @@ def checked_config(cfg, saved: dict | None, step: int, directory: str, *, allow:
     if saved is None:
       raise ConfigMismatch(f"the checkpoint at step {step} in {directory} has no saved config: "
                            "give --config")
-    return cli.validated(ml_collections.ConfigDict(saved["config"])), None
+    return cli.validated(config_lib.from_saved(saved["config"])), None
   if saved is None:
     return cfg, None
   diffs = provenance.differences(saved["config"], cfg.to_dict())

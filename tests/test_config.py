@@ -130,3 +130,15 @@ def test_the_resolved_config_keeps_only_the_kinds_in_use_with_every_default():
   assert a.softmax.position == "rope"
   assert "null" not in json.dumps(a.to_dict())
   assert resolved.model.head_dim == 64  # derived sizes are recorded, not null
+
+
+def test_a_config_saved_before_a_field_existed_loads_with_its_default():
+  """evaluate / generate without --config rebuild the checkpoint's config: a field added to
+  lmtrain after the run was saved takes its default instead of failing."""
+  from lmtrain import config as config_lib
+  saved = config_lib.finalize(config_lib.base_config()).to_dict()
+  del saved["train"]["remat"]
+  saved["train"]["lr"] = 1e-4
+  cfg = config_lib.finalize(config_lib.from_saved(saved))
+  assert cfg.train.remat == config_lib.base_config().train.remat
+  assert cfg.train.lr == 1e-4
