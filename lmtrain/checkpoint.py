@@ -131,12 +131,7 @@ class Checkpointer:
     try:
       self.manager.save(step, args=ocp.args.Composite(**args), force=True)
     except Exception as e:  # the synchronous part of the save (directories, first writes)
-      self._pending.clear()
-      self._failed = True
-      self._remove_temporaries()
-      raise CheckpointWriteError(
-          f"saving checkpoint step {step} in {self.directory} failed ({_first_line(e) or e!r}); "
-          f"the last complete checkpoint is step {self.last_verified}") from e
+      raise self._save_failed(step, _first_line(e) or repr(e)) from e
     if not self.async_save and step in self._pending:
       self._committed()  # synchronous saves are committed on return
 
@@ -164,13 +159,17 @@ class Checkpointer:
       self.manager.check_for_errors()
     except Exception as e:  # orbax re-raises the save's own error
       cause = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-      step = self._pending[0] if self._pending else None
-      self._pending.clear()
-      self._failed = True
-      self._remove_temporaries()
-      raise CheckpointWriteError(
-          f"saving checkpoint step {step} in {self.directory} failed ({cause}); the last "
-          f"complete checkpoint is step {self.last_verified}") from e
+      raise self._save_failed(self._pending[0] if self._pending else None, cause) from e
+
+  def _save_failed(self, step, cause: str) -> CheckpointWriteError:
+    """Marks the run's saving as failed, removes its temporary directories, and returns the
+    one-line error naming the step, the cause and the last complete step."""
+    self._pending.clear()
+    self._failed = True
+    self._remove_temporaries()
+    return CheckpointWriteError(
+        f"saving checkpoint step {step} in {self.directory} failed ({cause}); the last "
+        f"complete checkpoint is step {self.last_verified}")
 
   def _remove_temporaries(self) -> None:
     if jax.process_index() != 0 or not os.path.isdir(self.directory):

@@ -145,9 +145,8 @@ def block_mask_allows(i, j, local, global_blocks, stride):
           or (stride > 0 and (i - j) % stride == 0))
 
 
-def softmax_family_layer(kind, p, x, seg, positions, options, layer=None):
-  """softmax / sliding_window / block_sparse / moba: projections, positions, the kind's pattern
-  within each packed document, output projection."""
+def softmax_family_qkv(p, x, positions, options):
+  """q, k, v of a softmax-family layer: projections, QK-norm and RoPE when the options say so."""
   q, k, v = (project(x, p[n]["kernel"]) for n in ("q_proj", "k_proj", "v_proj"))
   if options.qk_norm:
     q = head_rms_norm(q, p["q_norm"]["scale"], eps=1e-6)
@@ -155,6 +154,13 @@ def softmax_family_layer(kind, p, x, seg, positions, options, layer=None):
   if options.position == "rope":
     q = np.stack([rope(q[b], positions[b], options.rope_theta) for b in range(len(q))])
     k = np.stack([rope(k[b], positions[b], options.rope_theta) for b in range(len(k))])
+  return q, k, v
+
+
+def softmax_family_layer(kind, p, x, seg, positions, options, layer=None):
+  """softmax / sliding_window / block_sparse / moba: projections, positions, the kind's pattern
+  within each packed document, output projection."""
+  q, k, v = softmax_family_qkv(p, x, positions, options)
   chosen = None
   if kind == "moba":
     chosen = moba_blocks(q, k, options.block_size, options.top_k, seg)
@@ -277,13 +283,7 @@ def diff_layer(kind, p, x, seg, positions, options, layer):
 def selective_layer(kind, p, x, seg, positions, options, layer=None):
   """Selective attention by loops: S[k][j] = ReLU(head 0's logit) except at a document's first
   key and the diagonal; every head's logit of (i, j) minus sum_{k<i} S[k][j]."""
-  q, k, v = (project(x, p[n]["kernel"]) for n in ("q_proj", "k_proj", "v_proj"))
-  if options.qk_norm:
-    q = head_rms_norm(q, p["q_norm"]["scale"], eps=1e-6)
-    k = head_rms_norm(k, p["k_norm"]["scale"], eps=1e-6)
-  if options.position == "rope":
-    q = np.stack([rope(q[b], positions[b], options.rope_theta) for b in range(len(q))])
-    k = np.stack([rope(k[b], positions[b], options.rope_theta) for b in range(len(k))])
+  q, k, v = softmax_family_qkv(p, x, positions, options)
   b_, t_, hq, d = q.shape
   hkv = k.shape[2]
   slopes = alibi_slopes(hq) if options.position == "alibi" else np.zeros(hq)
@@ -425,13 +425,7 @@ def fox_attention(q, k, v, log_gates, *, segment_ids=None, scale=None, softcap=N
 def fox_layer(kind, p, x, seg, positions, options, layer=None):
   """FoX: projections (QK-norm, RoPE when on), forget gates log f = log sigmoid(x w + b) per
   head, fox_attention, output gate, output projection."""
-  q, k, v = (project(x, p[n]["kernel"]) for n in ("q_proj", "k_proj", "v_proj"))
-  if options.qk_norm:
-    q = head_rms_norm(q, p["q_norm"]["scale"], eps=1e-6)
-    k = head_rms_norm(k, p["k_norm"]["scale"], eps=1e-6)
-  if options.position == "rope":
-    q = np.stack([rope(q[b], positions[b], options.rope_theta) for b in range(len(q))])
-    k = np.stack([rope(k[b], positions[b], options.rope_theta) for b in range(len(k))])
+  q, k, v = softmax_family_qkv(p, x, positions, options)
   log_f = log_sigmoid(project(x, p["f_proj"]["kernel"]) + p["f_proj"]["bias"])
   o = fox_attention(q, k, v, log_f, segment_ids=seg, softcap=options.softcap,
                     sinks=p["sink_logits"] if options.sinks else None)

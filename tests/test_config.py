@@ -8,7 +8,11 @@ from tests.conftest import REPO, cli_args, run_module, small_config
 
 
 def test_tiny_config_is_valid():
-  config_lib.validate(small_config())
+  cfg = small_config()
+  config_lib.validate(cfg)  # raises ConfigError on any bad value
+  # resolved: the kind's options sit under model.attention.<kind>, filled from its dataclass
+  assert cfg.model.attention.kind == "softmax"
+  assert cfg.model.attention.softmax.position == "rope"
 
 
 @pytest.mark.parametrize("overrides, needle", [
