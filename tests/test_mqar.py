@@ -41,3 +41,29 @@ def test_the_attention_ablated_control_stays_below_the_threshold(monkeypatch):
   monkeypatch.setattr(softmax, "__call__", lambda self, x, *a: jnp.zeros_like(x))
   recall = train_recall(small("softmax"))["accuracy"][2]
   assert recall < THRESHOLD / 2, recall
+
+
+def _result(accuracy, far=None):
+  by_distance = [] if far is None else [{"bucket": 5, "queries": 10, "accuracy": far}]
+  return {"accuracy": dict(zip((2, 4, 8), accuracy)), "by_distance": by_distance}
+
+
+def test_mqar_check_verdicts_follow_the_claims_not_the_noise():
+  """The check's verdicts on made-up recalls: each claim holds or fails on its numbers; a delta
+  rule that ties simple GLA within the eval's noise is not 'clearly better'."""
+  from lmtrain.mqar_check import verdicts
+  results = {"softmax": _result((0.99, 0.97, 0.96)), "fox": _result((0.98, 0.96, 0.90)),
+             "linear": _result((0.40, 0.25, 0.13)), "simple_gla": _result((1.0, 0.99, 0.98)),
+             "deltanet": _result((1.0, 1.0, 1.0)),
+             "sliding_window": _result((0.35, 0.2, 0.13), far=0.01)}
+  got = {claim.split(" (")[0]: ok for claim, ok, _ in verdicts(results, chance=1 / 128)}
+  assert got["softmax recalls >= 95% at every pair count"]
+  assert got["linear recalls less than softmax, and less as pairs grow"]
+  assert not got["simple_gla recalls less than softmax, and less as pairs grow"]
+  assert "deltanet recalls less than softmax, and less as pairs grow" not in got
+  assert got["deltanet recalls clearly better than linear"]
+  assert not got["deltanet recalls clearly better than simple_gla"]
+  assert got["sliding_window"]
+  assert not got["fox keeps softmax's recall"]
+  results["softmax"] = _result((0.99, 0.97, 0.94))
+  assert not verdicts(results, chance=1 / 128)[0][1]

@@ -229,6 +229,11 @@ class Softmax(SoftmaxFamily):
     return t * (t + 1) / 2
 
   @classmethod
+  def ready_variants(cls):
+    # ALiBi (Press et al., 2022) instead of RoPE: the extrapolation baseline FoX is compared with
+    return {"softmax": {}, "alibi": {"options": {"softmax": {"position": "alibi"}}}}
+
+  @classmethod
   def extra_impls(cls):
     return ("cudnn",)
 
