@@ -1,6 +1,6 @@
 """The attention sweep: the tiny model with one attention kind, trained briefly and evaluated
-with every eval; scripts/sweep.sh runs all kinds and the comparison (about 20 minutes on a
-2-core CPU).
+with every eval; scripts/sweep.sh runs all kinds and the comparison (about 7 minutes
+per variant on a 2-core CPU).
 
   python -m lmtrain.train --config configs/sweep.py:attention=moba --workdir runs/sweep/moba
 """
