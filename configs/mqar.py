@@ -21,8 +21,7 @@ def get_config(arg=None):
   c.eval.update(evals="mqar", mqar_pairs="2,4,8", mqar_samples=256)
   config_lib.apply_attention_variant(c, variant.attention)
   from lmtrain.model import mixers
-  used = c.model.attention.layer_pattern.split(",") if c.model.attention.layer_pattern else []
-  for kind in set(used) | {c.model.attention.kind}:
+  for kind in set(config_lib.layer_pattern_kinds(c.model.attention)):
     # two chunks of 16 per row: the fastest chunked form on this CPU (64 would pad each row)
     if "chunk_size" in mixers.get(kind).Options.config_fields():
       c.model.attention[kind].chunk_size = 16

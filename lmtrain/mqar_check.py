@@ -13,7 +13,7 @@ come from:
   - the delta rule recalls clearly better than linear attention and simple GLA at the same width
     (Yang et al., 2024); FoX keeps softmax's recall (Lin et al., 2025).
 
-The default kinds are those the claims name and every linear-family kind (about 16 minutes on
+The default kinds are those the claims name and every linear-family kind (about 22 minutes on
 2 CPU cores); `--kinds all` runs every registered kind. Each verdict is printed with its
 numbers; a claim whose kinds were not run is skipped. With --lrs a,b each kind is trained at
 every learning rate and its best kept, as Zoology reports. Exit 0 when every verdict holds.
