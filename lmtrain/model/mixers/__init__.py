@@ -67,7 +67,13 @@ def variants() -> dict[str, dict]:
   mixer: name -> {"kind", "layer_pattern", "options": {kind: {field: value}}}."""
   out = {}
   for kind in kinds():
-    for name, spec in get(kind).ready_variants().items():
+    cls = get(kind)
+    # A subclass registered as its own kind (a researcher's variation of softmax, say) does not
+    # inherit its parent's named variants, only the default one named after itself.
+    owner = next(c for c in cls.__mro__ if "ready_variants" in vars(c))
+    inherited = owner is not cls and owner is not Mixer
+    for name, spec in (Mixer.ready_variants.__func__(cls) if inherited
+                       else cls.ready_variants()).items():
       if name in out:
         raise TypeError(f"attention variant {name!r} is defined by two mixers")
       out[name] = {"kind": spec.get("kind", kind), "layer_pattern": spec.get("layer_pattern", ""),
