@@ -31,8 +31,9 @@ dq kernel: the dk/dv kernel also adds each tile's dq share into fp32 memory by T
 
 Forget gates (FoX's log_gates; ALiBi as constant gates), every schedule and backward: the
 running sums c [B, Hq, T] join the scores as c_q - c_k (the query tile's sums loaded once as
-rows, each key tile's as columns); the gates' gradient is dlse for the queries and minus the
-column sums of dS for the keys, summed per query head by the dk/dv kernel.
+rows, each key tile's as columns); the gates' gradient is the row sums of dS for the queries
+(summed by the dq kernel, so gated runs take the split backward) and minus the column sums for
+the keys (summed per query head by the dk/dv kernel).
 
 Layout: [B, T, H, D] as the API takes it (TMA reads the strided head slices); T is padded to the
 tile.
@@ -407,7 +408,8 @@ def _dq(q, k, v, do, lse, delta, q_seg, k_seg, ranges=None, gates=(), *, causal,
         s_len, bq, bk, stages, interpret, stage_in_smem, segments, lists=False, ws=False):
   """dq [B, Tp, Hq, D]: a CTA per (query rows, query head, batch) walks the key tiles those rows
   see (bq rows, or WS_WARPGROUPS x bq with ws, one compute warpgroup per bq). gates: as in
-  _forward."""
+  _forward; then also the queries' gate gradient dc_q [B, Hq, Tp] fp32, the row sums of dS,
+  stored from registers."""
   b, tp, hq, d = q.shape
   sp, hkv = k.shape[1], k.shape[2]
   group = hq // hkv
@@ -422,7 +424,10 @@ def _dq(q, k, v, do, lse, delta, q_seg, k_seg, ranges=None, gates=(), *, causal,
 
   def kernel(q_gmem, k_gmem, v_gmem, do_gmem, lse_gmem, delta_gmem, qseg_gmem, kseg_gmem, *rest):
     ranges_gmem, rest = _split(rest, ranges)
-    gate_gmem, (dq_gmem, q_smem, do_smem, barrier, *ds_smem) = _split_gates(rest, bool(gates))
+    gate_gmem, rest = _split_gates(rest, gated)
+    dq_gmem, *rest = rest
+    dcq_gmem, rest = (rest[0], rest[1:]) if gated else (None, rest)
+    q_smem, do_smem, barrier, *ds_smem = rest
     qi, h, bi = (jax.lax.axis_index(n) for n in ("q", "h", "b"))
     kvh = h // group
     steps, block_at = _visits(ranges_gmem, lists, bi, h, qi, lambda: _kv_range(
@@ -435,12 +440,16 @@ def _dq(q, k, v, do, lse, delta, q_seg, k_seg, ranges=None, gates=(), *, causal,
       _copy_in(do_gmem.at[bi, pl.ds(q0, bq), h], do_smem.at[w], barrier.at[w])
       rows = lambda ref: plgpu.load(ref.at[bi, h, pl.ds(q0, bq)], layout=wg.reduce(1),
                                     optimized=False)
-      return (plgpu.layout_cast(jnp.zeros((bq, d), jnp.float32), wg),
+      acc = plgpu.layout_cast(jnp.zeros((bq, d), jnp.float32), wg)
+      if gated:
+        acc = (acc, plgpu.layout_cast(jnp.zeros((bq,), jnp.float32), wg.reduce(1)))
+      return (acc,
               (rows(lse_gmem), rows(delta_gmem),
                _query_seg_rows(segments, qseg_gmem, bi, h, q0, bq),
                _gate_rows(gate_gmem, bi, h, q0, bq)))
 
-    def body(w, context, step, k_smem, v_smem, acc):
+    def body(w, context, step, k_smem, v_smem, carry):
+      acc, dcq = carry if gated else (carry, None)
       lse_rows, delta_rows, q_seg_rows, c_rows = context
       ki = block_at(step)
       s = _smem_product(q_smem.at[w], k_smem, (bq, bk)) * scale
@@ -452,9 +461,13 @@ def _dq(q, k, v, do, lse, delta, q_seg, k_seg, ranges=None, gates=(), *, causal,
           keep, jnp.exp(s - jax.lax.broadcast_in_dim(lse_rows, (bq, bk), [0]))), keep_fn)
       dp = _smem_product(do_smem.at[w], v_smem, (bq, bk))
       ds = p * (dp - jax.lax.broadcast_in_dim(delta_rows, (bq, bk), [0]))
-      return acc + _matmul(ds, k_smem, (bq, d), ds_smem[0].at[w] if ds_smem else None, dtype)
+      acc = acc + _matmul(ds, k_smem, (bq, d), ds_smem[0].at[w] if ds_smem else None, dtype)
+      return (acc, dcq + ds.sum(axis=1)) if gated else acc
 
-    def finish(w, acc):
+    def finish(w, carry):
+      acc, dcq = carry if gated else (carry, None)
+      if gated:  # straight from registers (a [bq] vector): no staging buffer
+        dcq_gmem.at[bi, h, pl.ds(first_row(w), bq)][...] = dcq
       q_smem.at[w][...] = (acc * scale).astype(dtype)
       plgpu.commit_smem()
       plgpu.copy_smem_to_gmem(q_smem.at[w], dq_gmem.at[bi, pl.ds(first_row(w), bq), h])
@@ -464,11 +477,15 @@ def _dq(q, k, v, do, lse, delta, q_seg, k_seg, ranges=None, gates=(), *, causal,
     _warpgroup_pipeline(body, setup, finish, ws=ws, steps=steps, specs=[spec, spec],
                         stages=stages, gmem_refs=(k_gmem.at[bi, :, kvh], v_gmem.at[bi, :, kvh]))
 
+  gated = bool(gates)
   tile = plgpu.SMEM((n_wg, bq, d), dtype, transforms=transforms)
   scratch = (tile, tile, plgpu.Barrier(num_barriers=n_wg))
   if stage_in_smem:
     scratch += (plgpu.SMEM((n_wg, bq, bk), dtype, transforms=transforms),)
-  return _launch(kernel, out_type=jax.ShapeDtypeStruct(q.shape, dtype),
+  out_type = jax.ShapeDtypeStruct(q.shape, dtype)
+  if gated:
+    out_type = (out_type, jax.ShapeDtypeStruct((b, hq, tp), jnp.float32))
+  return _launch(kernel, out_type=out_type,
                  grid=(tp // cta_rows, hq, b), grid_names=("q", "h", "b"), scratch=scratch,
                  ws=ws, interpret=interpret)(q, k, v, do, lse, delta, q_seg, k_seg,
                                              *(() if ranges is None else (ranges,)), *gates)
@@ -687,10 +704,11 @@ def _warp_specialised(tables, kw) -> bool:
   return tables is None and kw["schedule"] == "ws"  # (table callers set no schedule)
 
 
-def _fused_backward(tables, kw, d) -> bool:
-  """Whether dq comes from the dk/dv kernel (backward="fused"): the formula path only, and
-  head dims up to 128 (the dq share's fp32 tile and dS outgrow shared memory above)."""
-  return tables is None and kw["backward"] == "fused" and d <= 128
+def _fused_backward(tables, kw, d, gated) -> bool:
+  """Whether dq comes from the dk/dv kernel (backward="fused"): the formula path only, head
+  dims up to 128 (the dq share's fp32 tile and dS outgrow shared memory above), and ungated
+  (the gates' gradient needs dS's row sums, which the dq kernel adds up)."""
+  return tables is None and kw["backward"] == "fused" and d <= 128 and not gated
 
 
 def _has_segments(tables, kw) -> bool:
@@ -743,10 +761,13 @@ def _flash_gpu_fwd(q, k, v, segment_ids, c, tables, cfg):
 
 
 def _flash_gpu_bwd(cfg, res, cotangents):
-  """dq, dk, dv and, gated, dc [B, T, Hq]: (row sums of dS, as query) - (column sums, as key).
-  The row sums need no kernel: softmax's rows sum to 1, so sum_j dS_ij = dlse_i for a row that
-  sees a key (0 for one that sees none), exactly; the column sums come from the dk/dv kernel
-  (either backward)."""
+  """dq, dk, dv and, gated, dc [B, T, Hq]: (row sums of dS, as query) - (column sums, as key),
+  the row sums from the dq kernel, the column sums from the dk/dv kernel. Both are summed from
+  the same dS, so their totals over a document cancel, as the exact gradient's do: the first
+  gate of a document moves nothing. (The shortcut sum_j dS_ij = dlse_i holds only for delta
+  computed from the exact output; from the stored bf16 output each row is off by
+  dO_i . (O_i - round(O_i)), and the reverse cumulative sum of the gates' gradient adds those
+  errors up over the document: 0.6 against a gradient of 17 at T = 700 on an H200.)"""
   kw = cfg.kw
   qp, kp, vp, q_seg, k_seg, gates, tables, o, lse, t, s = res
   do, dlse = cotangents
@@ -760,19 +781,21 @@ def _flash_gpu_bwd(cfg, res, cotangents):
                 ws=_warp_specialised(tables, kw) and d <= 128)
   args = (qp, kp, vp, do_p, lse, delta, q_seg, k_seg)
   kv_table, q_table, lists = _tables(tables)
-  if _fused_backward(tables, kw, d):
+  dcq = None
+  if _fused_backward(tables, kw, d, bool(gates)):
     dk, dv, *dck, dq = _dkv(*args, None, gates, fused_dq=True, **common)
     dq = (dq * kw["scale"]).astype(qp.dtype)
   else:
     dq = _dq(*args, kv_table, gates, lists=lists, **common)
+    if gates:
+      dq, dcq = dq
     dk, dv, *dck = _dkv(*args, q_table, gates, lists=lists, **common)
   fold = lambda x: (x if x.shape[2] == hkv else x.astype(jnp.float32).reshape(
       b, -1, hkv, hq // hkv, d).sum(axis=3).astype(kp.dtype))[:, :s]
   no_grad = None if tables is None else jax.tree.map(lambda _: None, tables)
   dc = None
   if gates:
-    dc_q = jnp.where(jnp.isfinite(lse[:, :, :t]), dlse.astype(jnp.float32), 0.0)
-    dc = (dc_q + dck[0][:, :, :t]).transpose(0, 2, 1)
+    dc = (dcq + dck[0][:, :, :tp])[:, :, :t].transpose(0, 2, 1)
   return dq[:, :t], fold(dk), fold(dv), None, dc, no_grad
 
 
@@ -808,7 +831,8 @@ def flash_attention_gpu(q, k, v, *, causal=True, segment_ids=None, sm_scale=None
   runs "one_warpgroup" (two warpgroups' tiles would outgrow shared memory).
   backward: "split" (FlashAttention-2's: a dq kernel and a dk/dv kernel) or "fused"
   (FlashAttention-3's: the dk/dv kernel also adds each tile's dq share into fp32 memory by TMA
-  reduce-add; 5 matmuls per tile instead of 7; head dims up to 128, "split" above).
+  reduce-add; 5 matmuls per tile instead of 7; head dims up to 128 and ungated, "split"
+  otherwise).
   interpret=plgpu.InterpretGPUParams() runs it on the CPU; stage_in_smem (default: only when
   interpreting) feeds register operands of wgmma through shared memory."""
   if schedule not in SCHEDULES:

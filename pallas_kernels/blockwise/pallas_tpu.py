@@ -16,8 +16,8 @@ position.
 
 The forget-gate bias (FoX's log_gates; ALiBi as constant gates) enters each tile as c_q - c_k,
 from per-block slices of the gates' running sums c [B, T, Hq] (a column per query block, a row
-per key block). Its gradient: the queries' share is dlse (softmax's rows sum to one), the keys'
-is minus the column sums of dS, which the dk/dv kernel adds up per query head.
+per key block). Its gradient: the queries' share is the row sums of dS (the dq kernel adds them
+up), the keys' minus the column sums, which the dk/dv kernel adds up per query head.
 
 On the CPU the same kernels run in TPU interpret mode (impl="interpret"), which is how they are
 tested.
@@ -157,19 +157,26 @@ def _probs_and_dscores(q_ref, k_ref, v_ref, qs_ref, ks_ref, do_ref, lse_ref, del
 
 def _dq_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, qs_ref, ks_ref, do_ref, lse_ref, delta_ref,
                *refs, scale, mask, gated):
-  gate_refs, (dq_ref, dq_scr) = _gate_refs(refs, gated)
+  """dq of one query block; gated, also the queries' gate gradient dc_q = the row sums of dS, a
+  [bq, 1] output block resident across the key slots."""
+  gate_refs, refs = _gate_refs(refs, gated)
+  dq_ref, dcq_ref, dq_scr = refs if gated else (refs[0], None, refs[1])
   qi, j = pl.program_id(2), pl.program_id(3)
   ki = idx_ref[qi, j]
 
   @pl.when(j == 0)
   def _init():
     dq_scr[...] = jnp.zeros(dq_scr.shape, jnp.float32)
+    if gated:
+      dcq_ref[...] = jnp.zeros(dcq_ref.shape, jnp.float32)
 
   @pl.when(j < cnt_ref[qi])
   def _body():
     _, ds = _probs_and_dscores(q_ref, k_ref, v_ref, qs_ref, ks_ref, do_ref, lse_ref, delta_ref,
                                gate_refs, qi, ki, scale=scale, mask=mask)
     dq_scr[...] += _dot(ds.astype(k_ref.dtype), k_ref[...]) * scale
+    if gated:
+      dcq_ref[...] += jnp.sum(ds, axis=1, keepdims=True)
 
   @pl.when(j == pl.num_programs(3) - 1)
   def _finish():
@@ -302,10 +309,11 @@ def _backward(res, lists, cotangents, cfg, shapes):
   """cotangents: of the output [B, T, Hq, D] and of the log-sum-exp [B, Hq, T]; the latter
   enters as -dlse in delta (d lse / d s = p). Returns dq, dk, dv and the gate sums' gradient
   dc [B, T, Hq] (None ungated). A logit's bias is c_i - c_j, so dc = (row sums of dS, as
-  query) - (column sums of dS, as key). The row sums need no kernel: softmax's rows sum to 1,
-  so sum_j dS_ij = sum_j p_ij dp_ij - delta_i = dlse_i for every row that sees a key (0 for
-  one that sees none): exact, where summing dS would only add rounding. The column sums come
-  from the dk/dv kernel."""
+  query) - (column sums of dS, as key), from the dq and the dk/dv kernel. Both sum the same dS,
+  so their totals over a document cancel as the exact gradient's do. (Taking the row sums as
+  dlse, as softmax's rows sum to one, is exact only with delta from the exact output: from the
+  stored bf16 output each row is off by dO_i . (O_i - round(O_i)), and the gates' reverse
+  cumulative sum adds those errors up over the document.)"""
   qt, kt, vt, q_seg, k_seg, gates, o, lse = res
   do, dlse = cotangents
   fwd_lists, bwd_lists = lists
@@ -321,11 +329,13 @@ def _backward(res, lists, cotangents, cfg, shapes):
   kw = dict(scale=cfg.scale, mask=cfg.mask, gated=gated)
   args = (qt, kt, vt, q_seg, k_seg, do_t, lse, delta, *gates)
   qspec, kspec, qsspec, ksspec, row, key_row = _specs(cfg.bq, cfg.bk, d, group, kv_major=False)
-  dq = _call(functools.partial(_dq_kernel, **kw), (b, hq, nq, fwd_lists[0].shape[1]),
-             fwd_lists, [qspec, kspec, kspec, qsspec, ksspec, qspec, row, row]
-             + [row, key_row] * gated, qspec,
-             jax.ShapeDtypeStruct(qt.shape, qt.dtype), [pltpu.VMEM((cfg.bq, d), jnp.float32)],
-             cfg.interpret, "lmtrain_flash_dq", *args)
+  dq_shape = jax.ShapeDtypeStruct(qt.shape, qt.dtype)
+  dq, *dcq = _call(functools.partial(_dq_kernel, **kw), (b, hq, nq, fwd_lists[0].shape[1]),
+                   fwd_lists, [qspec, kspec, kspec, qsspec, ksspec, qspec, row, row]
+                   + [row, key_row] * gated, [qspec] + [row] * gated,
+                   [dq_shape] + [jax.ShapeDtypeStruct(lse.shape, jnp.float32)] * gated,
+                   [pltpu.VMEM((cfg.bq, d), jnp.float32)], cfg.interpret, "lmtrain_flash_dq",
+                   *args)
   n_slots = bwd_lists[0].shape[1]
   qspec, kspec, qsspec, ksspec, row, key_row = _specs(cfg.bq, cfg.bk, d, group, kv_major=True,
                                                       n_slots=n_slots)
@@ -345,8 +355,7 @@ def _backward(res, lists, cotangents, cfg, shapes):
   unpad = lambda x: x[:, :, :cfg.s_len].transpose(0, 2, 1, 3)
   dc = None
   if gated:
-    dc_q = jnp.where(jnp.isfinite(lse[:, :, :t, 0]), dlse.astype(jnp.float32), 0.0)
-    dc = (dc_q + dck[0][:, :, 0, :t]).transpose(0, 2, 1)
+    dc = (dcq[0][:, :, :t, 0] + dck[0][:, :, 0, :t]).transpose(0, 2, 1)
   return dq[:, :, :t].transpose(0, 2, 1, 3), unpad(dk), unpad(dv), dc
 
 
