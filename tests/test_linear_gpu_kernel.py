@@ -121,10 +121,19 @@ def test_bad_inputs_get_one_line_errors(kwargs, match):
     linear_attention_gpu(q, q, q, **kwargs)
 
 
-def test_api_interpret_gpu_and_auto_keeps_xla_on_gpu(monkeypatch):
+def test_api_interpret_gpu_and_auto_picks_the_kernel_on_gpu_where_it_takes_the_call(
+    monkeypatch):
   q, k, v, decay, _, _ = inputs(5, 1, 64, 2, 2, 64, decay_kind="constant", segments=False)
   got = linear_attention(q.astype(jnp.bfloat16), k.astype(jnp.bfloat16), v.astype(jnp.bfloat16),
                          decay=decay, impl="interpret_gpu")
   np.testing.assert_allclose(f32(got), linear_parallel(q, k, v, decay=decay), atol=5e-2)
   monkeypatch.setattr(linear_api._common, "backend", lambda: "gpu")
-  assert linear_api.resolve_impl("auto") == "xla"
+  # measured ahead of the XLA chunked form on an H200 (docs/benchmarks.md) ...
+  assert linear_api.resolve_impl("auto", decay, head_dim=128, chunk_size=64) == "pallas"
+  assert linear_api.resolve_impl("auto", None, head_dim=64, chunk_size=128) == "pallas"
+  # ... but never where it would refuse the call: fp32, other head dims or chunks, GLA's gates
+  assert linear_api.resolve_impl("auto", decay, dtype="float32") == "xla"
+  assert linear_api.resolve_impl("auto", decay, head_dim=32) == "xla"
+  assert linear_api.resolve_impl("auto", decay, chunk_size=16) == "xla"
+  per_dim = jnp.zeros((1, 64, 2, 64))
+  assert linear_api.resolve_impl("auto", per_dim) == "xla"

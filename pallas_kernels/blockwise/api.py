@@ -18,8 +18,8 @@ KERNELS: dict = {
     "interpret": {"any": _common.tpu_interpret(flash_attention_tpu)},
     "interpret_gpu": {"any": _common.gpu_interpret(flash_attention_gpu)},
 }
-# Backends where "auto" picks the Pallas kernel: the GPU kernel is not measured yet, and cuDNN
-# is (docs/benchmarks.md); it joins this set when the benchmark shows it ahead.
+# Backends where "auto" picks the Pallas kernel. Not the GPU: on an H200 cuDNN is ahead of our
+# kernel at every length (docs/benchmarks.md: forward+backward 0.61x cuDNN at 32k).
 AUTO_PALLAS = ("tpu",)
 
 

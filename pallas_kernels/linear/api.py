@@ -1,7 +1,9 @@
 """linear_attention and linear_attention_step: the entry points for every impl."""
 from __future__ import annotations
 
-from pallas_kernels import _common
+import jax.numpy as jnp
+
+from pallas_kernels import _common, capabilities
 from pallas_kernels.linear.pallas_gpu import linear_attention_gpu
 from pallas_kernels.linear.pallas_tpu import linear_attention_tpu
 from pallas_kernels.linear.reference import (FEATURE_MAPS, final_state, init_state,
@@ -15,9 +17,11 @@ KERNELS: dict = {
     "interpret": {"any": _common.tpu_interpret(linear_attention_tpu)},
     "interpret_gpu": {"any": _common.gpu_interpret(linear_attention_gpu)},
 }
-# Backends where "auto" picks the Pallas kernel: the GPU kernel (forward only so far) is not
-# measured yet, so "auto" runs the XLA chunked form there until it is.
-AUTO_PALLAS = ("tpu",)
+# Backends where "auto" picks the Pallas kernel. GPU: measured on an H200 (docs/benchmarks.md,
+# bf16, 32k tokens, constant decay): forward+backward 2.3 ms at T = 8k and 2.6 ms at 32k against
+# 15.3 and 37.2 ms for the XLA chunked form, so the kernel wherever it takes the call (bf16 /
+# fp16, head dims 64 / 128, chunks 64 / 128); the XLA chunked form elsewhere.
+AUTO_PALLAS = ("tpu", "gpu")
 
 
 def kernel_for(impl: str, backend: str | None = None):
@@ -48,12 +52,20 @@ def kernel_takes(decay) -> bool:
   return decay is None or decay.ndim < 4
 
 
-def resolve_impl(impl: str, decay=None) -> str:
+def resolve_impl(impl: str, decay=None, *, head_dim: int = 128, chunk_size: int = 64,
+                 dtype: str = "bfloat16") -> str:
+  """"auto" -> the Pallas kernel of this backend where it is measured ahead (AUTO_PALLAS) and
+  takes the call (scalar decay, pallas_kernels.capabilities.linear; on a GPU bf16 / fp16, as
+  measured), else the XLA chunked form."""
   if impl != "auto":
     return impl
-  if _common.backend() in AUTO_PALLAS and kernel_for("pallas") and kernel_takes(decay):
-    return "pallas"
-  return "xla"
+  backend = _common.backend()
+  if (backend not in AUTO_PALLAS or not kernel_for("pallas", backend) or not kernel_takes(decay)
+      or capabilities.linear("pallas", backend=backend, dtype=dtype, head_dim=head_dim,
+                             chunk_size=chunk_size) is not None
+      or (backend == "gpu" and dtype not in capabilities.LOW_PRECISION)):
+    return "xla"
+  return "pallas"
 
 
 def linear_attention(q, k, v, *, feature_map="elu1", decay=None, normalize=True, chunk_size=64,
@@ -73,7 +85,8 @@ def linear_attention(q, k, v, *, feature_map="elu1", decay=None, normalize=True,
   _check(q, k, v, decay, feature_map, chunk_size)
   if segment_ids is not None and segment_ids.shape != q.shape[:2]:
     raise ValueError(f"{_NAME}: segment_ids{segment_ids.shape} must be [B, T] = {q.shape[:2]}")
-  impl = resolve_impl(impl, decay)
+  impl = resolve_impl(impl, decay, head_dim=q.shape[-1], chunk_size=chunk_size,
+                      dtype=jnp.dtype(q.dtype).name)
   kwargs = dict(feature_map=feature_map, decay=decay, normalize=normalize, chunk_size=chunk_size,
                 segment_ids=segment_ids)
   if impl in ("reference", "xla"):

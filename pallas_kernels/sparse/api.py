@@ -17,8 +17,9 @@ KERNELS: dict = {
     "interpret": {"any": _common.tpu_interpret(sparse_flash_tpu)},
     "interpret_gpu": {"any": _common.gpu_interpret(sparse_flash_gpu)},
 }
-# Backends where "auto" picks the Pallas kernel: the GPU kernel (sliding window only) is not
-# measured yet; until it is, "auto" runs the block-skipping jnp path there.
+# Backends where "auto" picks the Pallas kernel. Not the GPU: on an H200 cuDNN's sliding window
+# is 1.4x ours (docs/benchmarks.md) and MoBA's kernel runs at a fifth of the window kernel's rate;
+# "auto" runs the block-skipping jnp path there until a kernel is measured ahead of it.
 AUTO_PALLAS = ("tpu",)
 
 
