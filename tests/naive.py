@@ -145,9 +145,12 @@ def block_mask_allows(i, j, local, global_blocks, stride):
           or (stride > 0 and (i - j) % stride == 0))
 
 
-def softmax_family_qkv(p, x, positions, options):
-  """q, k, v of a softmax-family layer: projections, QK-norm and RoPE when the options say so."""
+def softmax_family_qkv(p, x, positions, options, shift=None):
+  """q, k, v of a softmax-family layer: projections, QK-norm and RoPE when the options say so.
+  shift(k, v) -> (k, v), if given, acts on the projections before QK-norm (FoX Pro)."""
   q, k, v = (project(x, p[n]["kernel"]) for n in ("q_proj", "k_proj", "v_proj"))
+  if shift is not None:
+    k, v = shift(k, v)
   if options.qk_norm:
     q = head_rms_norm(q, p["q_norm"]["scale"], eps=1e-6)
     k = head_rms_norm(k, p["k_norm"]["scale"], eps=1e-6)
@@ -422,13 +425,33 @@ def fox_attention(q, k, v, log_gates, *, segment_ids=None, scale=None, softcap=N
   return out
 
 
+def token_shift(x, logits, seg):
+  """FoX Pro's shift, token by token: y_t = a_t x_{t-1} + (1 - a_t) x_t, a_t = sigmoid(logits_t)
+  per head; x_{t-1} = 0 at a row's or a document's first token. x [B, T, H, D], logits [B, T, H]."""
+  y = np.zeros_like(x)
+  for b in range(x.shape[0]):
+    for t in range(x.shape[1]):
+      starts = t == 0 or (seg is not None and seg[b, t] != seg[b, t - 1])
+      prev = np.zeros_like(x[b, t]) if starts else x[b, t - 1]
+      a = sigmoid(logits[b, t])[:, None]
+      y[b, t] = a * prev + (1 - a) * x[b, t]
+  return y
+
+
 def fox_layer(kind, p, x, seg, positions, options, layer=None):
-  """FoX: projections (QK-norm, RoPE when on), forget gates log f = log sigmoid(x w + b) per
-  head, fox_attention, output gate, output projection."""
-  q, k, v = softmax_family_qkv(p, x, positions, options)
+  """FoX: projections (the key/value shift, QK-norm, RoPE when on), forget gates log f =
+  log sigmoid(x w + b) per head, fox_attention, output norm (a scale per head and channel) and
+  gate, output projection."""
+  shift = None
+  if options.kv_shift:
+    shift = lambda k, v: (token_shift(k, project(x, p["k_shift_proj"]["kernel"]), seg),
+                          token_shift(v, project(x, p["v_shift_proj"]["kernel"]), seg))
+  q, k, v = softmax_family_qkv(p, x, positions, options, shift)
   log_f = log_sigmoid(project(x, p["f_proj"]["kernel"]) + p["f_proj"]["bias"])
   o = fox_attention(q, k, v, log_f, segment_ids=seg, softcap=options.softcap,
                     sinks=p["sink_logits"] if options.sinks else None)
+  if options.output_norm:
+    o = head_rms_norm(o, p["o_norm_scale"], eps=1e-6)
   if options.output_gate:
     o = o * sigmoid(project(x, p["g_proj"]["kernel"]))
   return unproject(o, p["o_proj"]["kernel"])

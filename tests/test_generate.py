@@ -15,15 +15,18 @@ PARITY_OPTIONS = {"sliding_window": {"window": 6}, "block_sparse": {"block_size"
                   "moba": {"block_size": 4, "top_k": 2}}
 
 
-def parity_config(kind):
+def parity_config(variant):
+  """configs/tiny.py:attention=VARIANT (a kind, or a ready variant such as fox_pro) at small
+  sizes, with GQA."""
+  kind = mixers.variants()[variant]["kind"]
   over = {f"model.attention.{kind}.{k}": v for k, v in PARITY_OPTIONS.get(kind, {}).items()}
   if "chunk_size" in mixers.get(kind).Options.config_fields():
     over[f"model.attention.{kind}.chunk_size"] = 8
   if "short_conv" in mixers.get(kind).Options.config_fields():
     over[f"model.attention.{kind}.short_conv"] = True  # the convolution's tail is cached too
   # GQA: 4 query heads on 2 key/value heads
-  return small_config(f"attention={kind}", **{"model.num_heads": 4, "model.num_kv_heads": 2,
-                                              **over})
+  return small_config(f"attention={variant}", **{"model.num_heads": 4, "model.num_kv_heads": 2,
+                                                 **over})
 
 
 def scaled_params(init, scale=4.0):
@@ -32,7 +35,7 @@ def scaled_params(init, scale=4.0):
   return jax.tree.map(lambda p: p * scale if p.ndim >= 2 else p, params)
 
 
-@pytest.mark.parametrize("kind", mixers.kinds())
+@pytest.mark.parametrize("kind", [*mixers.kinds(), "fox_pro"])
 def test_prefill_and_decode_equal_the_full_forward(kind):
   """Every kind, including ones added later: logits of prefill + N decode steps equal one full
   forward pass over the same tokens (fp32, 1e-5), for right-padded prompts of different lengths

@@ -76,6 +76,7 @@ EXTRA_CASES = [  # options off by default, tested on
     ("deltanet", {"short_conv": False, "output_gate": True}),
     ("gated_deltanet", {"expand_v": 1.0, "output_norm": False}),
     ("fox", {"position": "rope", "qk_norm": True, "output_gate": True}),
+    ("fox", {"kv_shift": True, "output_norm": True, "qk_norm": True, "output_gate": True}),
     ("softmax", {"softcap": 3.0, "sinks": True}),
     ("sliding_window", {"sinks": True, "softcap": 2.0}),
     ("moba", {"softcap": 3.0, "sinks": True}),

@@ -112,6 +112,10 @@ class SoftmaxFamily(Mixer):
   def project(self, x_BTD, positions_BT):
     """q [B, T, Hq, Dh], k and v [B, T, Hkv, Dh], normalised and rotated as the options say."""
     q, k, v = self.q_proj(x_BTD), self.k_proj(x_BTD), self.v_proj(x_BTD)
+    return self.normalise_and_rotate(q, k, v, positions_BT)
+
+  def normalise_and_rotate(self, q, k, v, positions_BT):
+    """QK-norm, then RoPE, as the options say (the second half of `project`)."""
     if self.options.qk_norm:
       q, k = self.q_norm(q), self.k_norm(k)
     if self.options.position == "rope":
