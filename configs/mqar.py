@@ -3,8 +3,9 @@ setting of `python -m lmtrain.mqar_check` (every attention kind, recall by numbe
 
   python -m lmtrain.train --config configs/mqar.py:attention=gla --workdir runs/mqar-gla
 
-Sequence 32, pairs drawn from 2/4/8 per row, MQAR vocabulary 256, width 128, batch 64, 800 steps
-(see the README's MQAR section for how this differs from Zoology's own runs).
+Sequence 32, pairs drawn from 2/4/8 per row, MQAR vocabulary 256, width 128 (2 heads of 64),
+batch 64, 800 steps (see the README's MQAR section for how this differs from Zoology's own
+runs; mqar_check's state check narrows the heads to 16 of 8).
 """
 from lmtrain import config as config_lib
 

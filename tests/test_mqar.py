@@ -49,21 +49,28 @@ def _result(accuracy, far=None):
 
 
 def test_mqar_check_verdicts_follow_the_claims_not_the_noise():
-  """The check's verdicts on made-up recalls: each claim holds or fails on its numbers; a delta
-  rule that ties simple GLA within the eval's noise is not 'clearly better'."""
+  """The check's verdicts on made-up recalls: each claim holds or fails on its numbers, in the
+  check that makes it; a delta rule that ties simple GLA within the eval's noise is not
+  'clearly better'."""
   from lmtrain.mqar_check import verdicts
-  results = {"softmax": _result((0.99, 0.97, 0.96)), "fox": _result((0.98, 0.96, 0.90)),
-             "linear": _result((0.40, 0.25, 0.13)), "simple_gla": _result((1.0, 0.99, 0.98)),
-             "deltanet": _result((1.0, 1.0, 1.0)),
+  zoology = {"softmax": _result((0.99, 0.97, 0.96)), "fox": _result((0.40, 0.25, 0.13)),
+             "fox_pro": _result((0.98, 0.96, 0.93)), "linear": _result((0.40, 0.25, 0.13)),
+             "gla": _result((0.99, 0.98, 0.98)),
              "sliding_window": _result((0.35, 0.2, 0.13), far=0.01)}
-  got = {claim.split(" (")[0]: ok for claim, ok, _ in verdicts(results, chance=1 / 128)}
+  got = {claim.split(" (")[0]: ok for claim, ok, _ in verdicts("zoology", zoology, 1 / 128)}
   assert got["softmax recalls >= 95% at every pair count"]
   assert got["linear recalls less than softmax, and less as pairs grow"]
-  assert not got["simple_gla recalls less than softmax, and less as pairs grow"]
-  assert "deltanet recalls less than softmax, and less as pairs grow" not in got
-  assert got["deltanet recalls clearly better than linear"]
-  assert not got["deltanet recalls clearly better than simple_gla"]
+  assert not got["gla recalls less than softmax, and less as pairs grow"]
   assert got["sliding_window"]
-  assert not got["fox keeps softmax's recall"]
-  results["softmax"] = _result((0.99, 0.97, 0.94))
-  assert not verdicts(results, chance=1 / 128)[0][1]
+  assert got["fox_pro keeps softmax's recall"] and not got["fox keeps softmax's recall"]
+  assert not any("clearly better" in claim for claim in got)  # the state check's claim
+  zoology["softmax"] = _result((0.99, 0.97, 0.94))
+  assert not verdicts("zoology", zoology, 1 / 128)[0][1]
+  state = {"linear": _result((0.40, 0.25, 0.13)), "simple_gla": _result((0.94, 0.88, 0.72)),
+           "deltanet": _result((1.0, 0.99, 0.97)), "gated_deltanet": _result((1.0, 1.0, 0.75))}
+  got = {claim.split(" (")[0]: ok for claim, ok, _ in verdicts("state", state, 1 / 128)}
+  assert got["deltanet recalls clearly better than linear"]
+  assert got["deltanet recalls clearly better than simple_gla"]
+  assert not got["gated_deltanet recalls clearly better than simple_gla"]  # 0.75 vs 0.72
+  assert got["simple_gla recalls less as pairs grow"]
+  assert "deltanet recalls less as pairs grow" not in got
