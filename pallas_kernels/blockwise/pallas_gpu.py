@@ -796,7 +796,7 @@ def _flash_gpu_bwd(cfg, res, cotangents):
   no_grad = None if tables is None else jax.tree.map(lambda _: None, tables)
   dc = None
   if gates:
-    dc = (dcq + dck[0][:, :, :tp])[:, :, :t].transpose(0, 2, 1)
+    dc = (dcq[:, :, :t] + dck[0][:, :, :t]).transpose(0, 2, 1)
   return dq[:, :t], fold(dk), fold(dv), None, dc, no_grad
 
 

@@ -84,16 +84,16 @@ class FoX(SoftmaxFamily):
   def project_shifted(self, x_BTD, positions_BT, segment_ids_BT, prev_kv=None):
     """q, k, v as `project`, with the key/value shift when on (before QK-norm and RoPE).
     prev_kv: the previous token's unshifted (k, v) [B, Hkv, Dh] when decoding, else None (the
-    token before each row is 0). Returns (q, k, v, the unshifted (k, v) of the last token)."""
+    token before each row is 0). Returns (q, k, v, the unshifted (k, v))."""
     q, k, v = self.q_proj(x_BTD), self.k_proj(x_BTD), self.v_proj(x_BTD)
-    raw_last = (k[:, -1], v[:, -1])
+    raw = (k, v)
     if self.options.kv_shift:
       k = shift_tokens(k, self.k_shift_proj(x_BTD), segment_ids_BT,
                        None if prev_kv is None else prev_kv[0])
       v = shift_tokens(v, self.v_shift_proj(x_BTD), segment_ids_BT,
                        None if prev_kv is None else prev_kv[1])
     q, k, v = self.normalise_and_rotate(q, k, v, positions_BT)
-    return q, k, v, raw_last
+    return q, k, v, raw
 
   def finish(self, o_BTHD, x_BTD):
     if self.options.output_norm:
@@ -143,7 +143,7 @@ class FoX(SoftmaxFamily):
     return cache
 
   def prefill(self, x_BTD, positions_BT, segment_ids_BT, lengths_B, cache):
-    q, k, v, _ = self.project_shifted(x_BTD, positions_BT, segment_ids_BT)
+    q, k, v, (k_raw, v_raw) = self.project_shifted(x_BTD, positions_BT, segment_ids_BT)
     log_f = self.log_forget(x_BTD)
     y = self.finish(self.attend_gated(q, k, v, log_f, segment_ids_BT), x_BTD)
     t = x_BTD.shape[1]
@@ -151,18 +151,17 @@ class FoX(SoftmaxFamily):
     cache = {**cache, **self.fill_cache(cache, k, v, lengths_B), "c": cache["c"].at[:, :t].set(c)}
     if self.options.kv_shift:  # each row's last prompt token, unshifted
       rows, last = jnp.arange(x_BTD.shape[0]), jnp.maximum(lengths_B - 1, 0)
-      x_last = x_BTD[rows, last]
-      cache["k_prev"] = self.k_proj(x_last).astype(cache["k_prev"].dtype)
-      cache["v_prev"] = self.v_proj(x_last).astype(cache["v_prev"].dtype)
+      cache["k_prev"] = k_raw[rows, last].astype(cache["k_prev"].dtype)
+      cache["v_prev"] = v_raw[rows, last].astype(cache["v_prev"].dtype)
     return y, cache
 
   def decode(self, x_BD, position_B, cache):
-    prev = None
+    prev_kv = None
     if self.options.kv_shift:  # position 0 has no previous token
       first = (position_B == 0)[:, None, None]
-      prev = tuple(jnp.where(first, 0.0, cache[n]) for n in ("k_prev", "v_prev"))
+      prev_kv = tuple(jnp.where(first, 0.0, cache[n]) for n in ("k_prev", "v_prev"))
     q, k, v, (k_raw, v_raw) = self.project_shifted(
-        x_BD[:, None], position_B[:, None], jnp.ones((x_BD.shape[0], 1), jnp.int32), prev)
+        x_BD[:, None], position_B[:, None], jnp.ones((x_BD.shape[0], 1), jnp.int32), prev_kv)
     rows = jnp.arange(x_BD.shape[0])
     prev = jnp.where((position_B > 0)[:, None],
                      cache["c"][rows, jnp.maximum(position_B - 1, 0)], 0.0)  # [B, H]
@@ -170,7 +169,8 @@ class FoX(SoftmaxFamily):
     c = cache["c"].at[rows, position_B].set(c_t)
     cache = {**cache, **self.write_cache(cache, k[:, 0], v[:, 0], position_B), "c": c}
     if self.options.kv_shift:
-      cache["k_prev"], cache["v_prev"] = (a.astype(cache["k_prev"].dtype) for a in (k_raw, v_raw))
+      cache["k_prev"], cache["v_prev"] = (a[:, 0].astype(cache["k_prev"].dtype)
+                                          for a in (k_raw, v_raw))
     keys, values, key_pos = self.cache_entries(cache)
     bias = c_t[:, :, None] - jnp.moveaxis(c, 1, 2)  # c_t - c_s: [B, H, S]
     allowed = self.decode_mask(q[:, 0], keys, key_pos, position_B)
