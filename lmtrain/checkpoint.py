@@ -166,6 +166,10 @@ class Checkpointer:
     one-line error naming the step, the cause and the last complete step."""
     self._pending.clear()
     self._failed = True
+    try:  # let orbax's other background writes end first, or they refill the directory we remove
+      self.manager.wait_until_finished()
+    except Exception:  # the failure being reported, raised again
+      pass
     self._remove_temporaries()
     return CheckpointWriteError(
         f"saving checkpoint step {step} in {self.directory} failed ({cause}); the last "
